@@ -1,0 +1,1 @@
+"""Dataset loaders: embedded digits, IDX files (MNIST, Fashion-MNIST), text corpora."""

@@ -1,0 +1,35 @@
+"""Typed exceptions. Every message says what to change."""
+
+from __future__ import annotations
+
+
+class TangentLensError(Exception):
+    """Base class of every error raised by tangentlens."""
+
+
+class InputError(TangentLensError, ValueError):
+    """Inputs, labels or kernels have the wrong shape, length, dtype or content (e.g. NaN)."""
+
+
+class ModelOutputError(TangentLensError, ValueError):
+    """The model's output is not a 2-D tensor of logits (batch x classes)."""
+
+
+class UnknownKindError(TangentLensError, ValueError):
+    """An unknown kernel kind, projection kind, solver or option was requested."""
+
+
+class ParameterSelectionError(TangentLensError, ValueError):
+    """Parameters or modules selected by the caller do not exist in the model, or none are trainable."""
+
+
+class NonFiniteError(TangentLensError, FloatingPointError):
+    """A gradient, activation or kernel contains NaN or infinity."""
+
+
+class StoreMismatchError(TangentLensError, ValueError):
+    """A stored artifact does not match the configuration or data it is combined with."""
+
+
+class UnsupportedLayerWarning(UserWarning):
+    """A layer has no fast exact rule and falls back to per-example torch.func Jacobians."""
