@@ -1,0 +1,568 @@
+"""The functional core: ``kernel`` and ``features``.
+
+Both stream the data in blocks: a block of examples is captured once (one batched forward, one batched
+backward per output probe, see :mod:`tangentlens.capture`), Gram blocks are formed from the compact captures,
+and only the (N1, N2) result — never N·C·P floats — is held whole. Captures of the second argument are cached
+while they fit ``cache_bytes`` and recomputed per block otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .capture import BlockCapture, DenseCap, GradientCapture
+from .errors import InputError, NonFiniteError
+from .gram import KindSpec, block_gram, block_sqnorms, cosine_normalize, kind_spec
+from .inputs import Batch, Source, batch_size_of, move_batch
+from .model import ParameterSpec, call_model, extract_logits, prepared, requiring_grad, select_parameters
+
+DEFAULT_CACHE_BYTES = 2 * 2**30
+
+LabelSpec = Any  # tensor-like labels, or the string "predicted"
+
+
+# --------------------------------------------------------------------------------------------------
+# Probes
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_labels(y: Tensor | None, C: int) -> Tensor:
+    if y is None:
+        raise InputError(
+            "kind='gradcos' differentiates the loss and needs labels: pass labels=... (and other_labels=... "
+            "for `other`), (inputs, labels) pairs, or labels='predicted' to use the network's predictions."
+        )
+    y = y.reshape(-1)
+    if C == 1:
+        if not bool(((y == 0) | (y == 1)).all()):
+            raise InputError("With one logit (binary model) labels must be 0 or 1.")
+        return y
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        raise InputError("Labels must be integer class indices.")
+    y = y.long()
+    if bool((y < 0).any()) or bool((y >= C).any()):
+        raise InputError(f"Labels must lie in [0, {C - 1}] for a model with {C} logits.")
+    return y
+
+
+def make_probe_fn(spec: KindSpec, probes: int | Tensor | None, seed: int, predicted: bool):
+    """Probe vectors (B, M, C) for a kind: what is differentiated in the backward passes.
+
+    * one-hot (M = C): g_c = ∇f_c, the rows of the Jacobian (trace NTK, eNTK);
+    * sum (M = 1): ∇ Σ_c f_c / √C, so ⟨·,·⟩ = (1/C)⟨Σ_c g_c, Σ_c g_c⟩ (pseudo-NTK);
+    * loss (M = 1): ∂L/∂f = softmax(f) − onehot(y) (sigmoid(f) − y for one logit), the chain rule's loss
+      gradient ∇_θ L(x, y);
+    * ``probes=m`` (M = m, sketched trace): Rademacher vectors v_k / √m, Σ_k ⟨v_k J, v_k J'⟩ is unbiased
+      for Tr(J J'ᵀ); a tensor (M, C) is used as given.
+    """
+
+    def fn(logits: Tensor, y: Tensor | None) -> Tensor:
+        B, C = logits.shape
+        if spec.probes == "loss":
+            if predicted:
+                yy = (logits[:, 0] > 0).to(logits.dtype) if C == 1 else logits.argmax(1)
+            else:
+                yy = _check_labels(None if y is None else y.to(logits.device), C)
+            if C == 1:
+                v = torch.sigmoid(logits) - yy.reshape(-1, 1).to(logits.dtype)
+            else:
+                v = torch.softmax(logits, 1) - torch.nn.functional.one_hot(yy.long(), C).to(logits.dtype)
+            return v[:, None, :]
+        if probes is not None:
+            if isinstance(probes, Tensor):
+                P = probes.to(device=logits.device, dtype=logits.dtype)
+                if P.dim() != 2 or P.shape[1] != C:
+                    raise InputError(f"probes must have shape (M, {C}); got {tuple(P.shape)}.")
+            else:
+                P = rademacher_probes(C, probes, seed).to(device=logits.device, dtype=logits.dtype)
+            return P[None].expand(B, -1, -1)
+        if spec.probes == "sum":
+            return logits.new_full((B, 1, C), 1.0 / math.sqrt(C))
+        return torch.eye(C, dtype=logits.dtype, device=logits.device)[None].expand(B, C, C)
+
+    return fn
+
+
+def rademacher_probes(C: int, m: int, seed: int = 0) -> Tensor:
+    """m random sign vectors over the C outputs, scaled by 1/√m (one-hot identity when m == C).
+
+    E[Σ_k (v_k·a)(v_k·b)] = a·b for Rademacher v_k / √m, so the sketched trace Σ_k ⟨v_k J, v_k J'⟩ is an unbiased
+    estimate of Tr(J J'ᵀ) (trNTK⁰); its variance falls like 1/m. With m == C the exact trace is returned
+    through one-hot probes.
+    """
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        raise InputError(f"probes must be a positive integer number of output probes; got {m!r}.")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InputError(f"seed must be an integer; got {seed!r}.")
+    if m == C:
+        return torch.eye(C, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (m, C), generator=g, dtype=torch.int64) * 2 - 1
+    return signs.to(torch.float64) / math.sqrt(m)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward-only (embedding and conjugate kernel) captures
+# --------------------------------------------------------------------------------------------------
+
+
+class ActivationCapture:
+    """Forward hooks recording flattened activations: module outputs (Em) or the last Linear's input (CK)."""
+
+    def __init__(self, model: nn.Module, kind: str, modules: Sequence[str | nn.Module] | None) -> None:
+        self.model = model
+        self.kind = kind
+        self.store: dict[str, list[Tensor]] = {}
+        self.handles: list[Any] = []
+        self.names: list[str] = []
+        named = dict(model.named_modules())
+        by_obj = {id(m): n for n, m in named.items()}
+        order: list[str] = []
+        probe_handles = []
+        if modules is None or kind == "ck":
+            # learn the call order of the candidate modules from the first forward
+            for n, m in named.items():
+                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
+                    probe_handles.append(m.register_forward_hook(
+                        lambda mod, a, o, n=n: order.append(n) if n not in order else None))
+            self._order = order
+            self._probe_handles = probe_handles
+            self.modules: list[str] | None = None
+        else:
+            sel = []
+            for m in modules:
+                if isinstance(m, str):
+                    if m not in named:
+                        raise InputError(f"No module named {m!r} in the model.")
+                    sel.append(m)
+                elif isinstance(m, nn.Module) and id(m) in by_obj:
+                    sel.append(by_obj[id(m)])
+                else:
+                    raise InputError("modules= must list module names or modules of the model.")
+            self.modules = sel
+            self._probe_handles = []
+            self._install(sel)
+
+    def _install(self, names: list[str]) -> None:
+        named = dict(self.model.named_modules())
+        self.names = names
+        for n in names:
+            if self.kind == "ck":
+                h = named[n].register_forward_hook(
+                    lambda mod, a, o, n=n: self.store.setdefault(n, []).append(
+                        a[0].detach().reshape(a[0].shape[0], -1)))
+            else:
+                h = named[n].register_forward_hook(
+                    lambda mod, a, o, n=n: self.store.setdefault(n, []).append(
+                        _first_tensor(o).detach().reshape(_first_tensor(o).shape[0], -1)))
+            self.handles.append(h)
+
+    def close(self) -> None:
+        for h in self.handles + self._probe_handles:
+            h.remove()
+
+    def capture(self, x: Batch) -> BlockCapture:
+        B = batch_size_of(x)
+        self.store = {}
+        with torch.no_grad():
+            logits = extract_logits(call_model(self.model, x), B)
+        if self.modules is None and not self.names:
+            for h in self._probe_handles:
+                h.remove()
+            self._probe_handles = []
+            linears = [n for n in self._order if isinstance(dict(self.model.named_modules())[n], nn.Linear)]
+            if self.kind == "ck":
+                if not linears:
+                    raise InputError("kind='ck' needs a final nn.Linear layer (its input is the feature).")
+                chosen = [linears[-1]]
+            else:
+                chosen = [n for n in self._order if n != (linears[-1] if linears else None)]
+                if not chosen:
+                    raise InputError("kind='em' found no layer outputs to use; pass modules=[...].")
+            self._install(chosen)
+            return self.capture(x)
+        caps = []
+        for n in self.names:
+            parts = self.store.get(n)
+            if not parts:
+                raise InputError(f"Module {n!r} was not called during the forward pass.")
+            a = torch.cat(parts, 1)
+            if not torch.isfinite(a).all():
+                raise NonFiniteError(f"NaN or infinite activations in module {n!r}.")
+            caps.append(DenseCap(n, {n: a[:, None, :]}, {n: (a.shape[1],)}))
+        return BlockCapture(caps, B, logits)
+
+
+def _first_tensor(o: Any) -> Tensor:
+    if isinstance(o, Tensor):
+        return o
+    if isinstance(o, (tuple, list)) and o and isinstance(o[0], Tensor):
+        return o[0]
+    if hasattr(o, "last_hidden_state"):
+        return o.last_hidden_state
+    raise InputError(f"Cannot use the output of type {type(o).__name__} as an embedding; choose other modules.")
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine: one prepared model, one capturer, blocks of examples
+# --------------------------------------------------------------------------------------------------
+
+
+class _Engine:
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: KindSpec,
+        *,
+        parameters: ParameterSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        probes: int | Tensor | None,
+        probe_seed: int,
+        predicted: bool,
+        modules: Sequence[str | nn.Module] | None,
+        verify: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        if spec.probes == "none":
+            self.acts: ActivationCapture | None = ActivationCapture(model, spec.name, modules)
+            self.grads: GradientCapture | None = None
+            self.params: dict[str, nn.Parameter] = {}
+        else:
+            self.acts = None
+            self.params = select_parameters(model, parameters)
+            fn = make_probe_fn(spec, probes, probe_seed, predicted)
+            self.grads = GradientCapture(model, self.params, fn, verify=verify)
+
+    def capture(self, x: Batch, y: Tensor | None) -> BlockCapture:
+        x = move_batch(x, self.device, self.dtype)
+        if self.acts is not None:
+            return self.acts.capture(x)
+        assert self.grads is not None
+        return self.grads.capture(x, y)
+
+    def close(self) -> None:
+        if self.acts is not None:
+            self.acts.close()
+        if self.grads is not None:
+            self.grads.__exit__()
+
+
+def _validate_common(kind: str, batch_size: int) -> KindSpec:
+    spec = kind_spec(kind)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    return spec
+
+
+def _labels_mode(labels: LabelSpec) -> tuple[Any, bool]:
+    if isinstance(labels, str):
+        if labels != "predicted":
+            raise InputError(f"labels must be a tensor of class indices or 'predicted'; got {labels!r}.")
+        return None, True
+    return labels, False
+
+
+def kernel(
+    model: nn.Module,
+    inputs: Any,
+    other: Any = None,
+    *,
+    kind: str = "trntk",
+    normalize: bool | None = None,
+    parameters: ParameterSpec = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    labels: LabelSpec = None,
+    other_labels: LabelSpec = None,
+    probes: int | Tensor | None = None,
+    probe_seed: int = 0,
+    modules: Sequence[str | nn.Module] | None = None,
+    by_layer: bool = False,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> Tensor | dict[str, Tensor]:
+    r"""Empirical kernel of a trained network between ``inputs`` and ``other`` (or ``inputs`` itself).
+
+    Let g_c(x) = ∇_θ f_c(x) (logits f, parameters θ, eval mode). Kinds:
+
+    * ``"entk"``: Θ(x, x')_{cc'} = ⟨g_c(x), g_c'(x')⟩, shape (N1, N2, C, C); ``normalize=True`` makes each
+      entry the cosine of g_c(x) and g_c'(x'). Default unnormalized.
+    * ``"trntk0"``: Σ_c ⟨g_c(x), g_c(x')⟩ = Tr Θ(x, x'). Default unnormalized.
+    * ``"trntk"``: trNTK⁰ cosine-normalized (the cosine of the concatenated Jacobians). Default normalized.
+    * ``"pntk"``: (1/C)⟨Σ_c g_c(x), Σ_c g_c(x')⟩ (the gradient of the summed logits, scaled by 1/√C so that
+      pNTK = trNTK⁰/C when the g_c are orthogonal). The reference code omits the 1/C; cosine
+      normalization (``normalize=True``) cancels it. Default unnormalized.
+    * ``"gradcos"``: cosine of loss gradients ∇_θ L(x, y) (cross-entropy; binary cross-entropy for one
+      logit). Needs labels for *both* sides — for test points that leaks their labels into a surrogate;
+      ``labels="predicted"`` uses the network's own predictions instead.
+    * ``"em"``: Σ_ℓ ⟨a_ℓ(x), a_ℓ(x')⟩ over flattened outputs of ``modules`` (default: every Linear, Conv and
+      Embedding layer except the last Linear), cosine-normalized.
+    * ``"ck"``: ⟨h(x), h(x')⟩ of the input of the last Linear layer (penultimate features), cosine-normalized.
+
+    Normalization is block-aware: a block is divided by sqrt of the ``inputs`` diagonal on rows and of the
+    ``other`` diagonal on columns, so a normalized self-kernel has an exact unit diagonal.
+
+    Args:
+        model: a network returning logits (B, C) (tensor, tuple, or object with ``.logits``). It is used in
+            eval mode (BatchNorm running statistics, dropout off); every submodule's mode is restored.
+        inputs: tensor (N, ...), dict of tensors, (inputs, labels) pair, Dataset or non-shuffling DataLoader.
+        other: second data set (columns); ``None`` means ``inputs`` × ``inputs``.
+        kind: one of the kinds above.
+        normalize: block-aware cosine normalization; ``None`` takes the kind's default.
+        parameters: parameter subset (names, module names, modules or parameters); default all trainable.
+        batch_size: examples per block; memory is bounded by blocks, never N·C·P floats.
+        device: compute device (default: the model's). The result is returned on the CPU.
+        dtype: compute dtype (default: the model's, typically float32; ``torch.float64`` for exactness).
+            A differing device or dtype works on a copy of the model.
+        labels, other_labels: labels for ``gradcos`` (or ``"predicted"``).
+        probes: sketched trace over outputs: m Rademacher probes (unbiased for trNTK⁰) or an (M, C) tensor.
+        probe_seed: seed of the Rademacher probes.
+        modules: modules for ``"em"``.
+        by_layer: return ``{layer group: unnormalized kernel}`` whose sum is the unnormalized kernel.
+        cache_bytes: cache captures of ``other`` up to this many bytes (else recompute them per block).
+
+    Returns:
+        (N1, N2) tensor ((N1, N2, C, C) for ``"entk"``), or a dict of them with ``by_layer``.
+
+    Cost: per block one forward and M backward passes (M = C for the trace kinds, 1 for pNTK and Grad-Cos);
+    per pair of blocks and layer with one position 2·B1·B2·(d_in + M·d_out) flops. Memory: the result, plus
+    captures (≈ N2·Σ_layers(d_in + M·d_out) floats for an MLP) while they fit ``cache_bytes``.
+
+    Raises:
+        UnknownKindError, InputError, ModelOutputError, ParameterSelectionError, NonFiniteError.
+    """
+    spec = _validate_common(kind, batch_size)
+    norm = spec.normalize if normalize is None else bool(normalize)
+    if probes is not None and (spec.full or spec.probes in ("loss", "none")):
+        raise InputError(f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}.")
+    lab1, pred1 = _labels_mode(labels)
+    lab2, pred2 = _labels_mode(other_labels)
+    if spec.name == "gradcos" and other is not None and not pred1 and (
+        lab1 is not None or isinstance(inputs, (tuple, list))
+    ):
+        warnings.warn(
+            "kind='gradcos' with true labels for the rows (`inputs`) uses their labels: as a surrogate for "
+            "test points this leaks the labels (the reference saw +5 pp accuracy). Use labels='predicted' "
+            "for an honest surrogate.",
+            UserWarning,
+            stacklevel=2,
+        )
+    src1 = Source(inputs, batch_size, lab1, "inputs")
+    src2 = Source(other, batch_size, lab2, "other") if other is not None else None
+    predicted = pred1 or (pred2 and src2 is not None)
+    if spec.name == "gradcos" and pred1 != (pred2 if src2 is not None else pred1):
+        raise InputError("Use labels='predicted' for both inputs and other, or true labels for both.")
+    with prepared(model, device=device, dtype=dtype) as (work, dev, dt):
+        sel = select_parameters(model, parameters) if spec.probes != "none" else {}
+        wparams = dict(work.named_parameters())
+        sel_work = [wparams[n] for n in sel]
+        with requiring_grad(sel_work):
+            eng = _Engine(
+                work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt, probes=probes,
+                probe_seed=probe_seed, predicted=predicted, modules=modules,
+            )
+            try:
+                return _assemble(eng, src1, src2, spec, norm, by_layer, cache_bytes)
+            finally:
+                eng.close()
+
+
+def _iter_caps(eng: _Engine, src: Source, skip_before: int = 0) -> Iterator[tuple[int, BlockCapture]]:
+    for blk in src.blocks():
+        if blk.start + blk.size <= skip_before:
+            continue
+        yield blk.start, eng.capture(blk.x, blk.y)
+
+
+def _assemble(
+    eng: _Engine,
+    src1: Source,
+    src2: Source | None,
+    spec: KindSpec,
+    norm: bool,
+    by_layer: bool,
+    cache_bytes: int,
+) -> Tensor | dict[str, Tensor]:
+    full = spec.full
+    n1 = len(src1)
+    n2 = len(src2) if src2 is not None else n1
+    outs: dict[str, Tensor] = {}
+    diag1: Tensor | None = None
+    diag2: Tensor | None = None
+
+    def put(s1: int, s2: int, g: Tensor | dict[str, Tensor], sym: bool) -> None:
+        parts = g if isinstance(g, dict) else {"": g}
+        for k, v in parts.items():
+            if not torch.isfinite(v).all():
+                raise NonFiniteError(f"NaN or infinite kernel values in layer group {k or 'all'!r}.")
+            if k not in outs:
+                shape = (n1, n2, *v.shape[2:])
+                outs[k] = torch.zeros(shape, dtype=v.dtype)
+            v = v.cpu()
+            outs[k][s1 : s1 + v.shape[0], s2 : s2 + v.shape[1]] = v
+            if sym and s1 != s2:
+                vt = v.transpose(0, 1)
+                if full:
+                    vt = vt.transpose(2, 3)
+                outs[k][s2 : s2 + v.shape[1], s1 : s1 + v.shape[0]] = vt
+
+    def sq(c: BlockCapture) -> Tensor:
+        d = block_sqnorms(c)
+        return (d if full else d.sum(1)).cpu()
+
+    if src2 is None:
+        first = _iter_caps(eng, src1)
+        s0, c0 = next(first)
+        n_blocks = math.ceil(n1 / max(c0.size, 1))
+        cache = c0.nbytes() * n_blocks <= cache_bytes
+        d_list: list[Tensor] = []
+        if cache:
+            caps = [(s0, c0)] + list(first)
+            for i, (si, ci) in enumerate(caps):
+                d_list.append(sq(ci))
+                for sj, cj in caps[i:]:
+                    put(si, sj, block_gram(ci, cj, full, by_layer), True)
+        else:
+            del first
+            for si, ci in _iter_caps(eng, src1):
+                d_list.append(sq(ci))
+                for sj, cj in _iter_caps(eng, src1, skip_before=si):
+                    put(si, sj, block_gram(ci, cj, full, by_layer), True)
+        diag1 = diag2 = torch.cat(d_list)
+    else:
+        first2 = _iter_caps(eng, src2)
+        s0, c0 = next(first2)
+        n_blocks = math.ceil(n2 / max(c0.size, 1))
+        cache = c0.nbytes() * n_blocks <= cache_bytes
+        caps2 = [(s0, c0)] + list(first2) if cache else None
+        d1_list: list[Tensor] = []
+        d2_list: list[Tensor] = []
+        if caps2 is not None:
+            d2_list = [sq(c) for _, c in caps2]
+        for si, ci in _iter_caps(eng, src1):
+            d1_list.append(sq(ci))
+            it = caps2 if caps2 is not None else _iter_caps(eng, src2)
+            for sj, cj in it:
+                if caps2 is None and si == 0:
+                    d2_list.append(sq(cj))
+                put(si, sj, block_gram(ci, cj, full, by_layer), False)
+        diag1, diag2 = torch.cat(d1_list), torch.cat(d2_list)
+    if by_layer:
+        return outs
+    K = outs[""]
+    if norm:
+        cosine_normalize(K, diag1, diag2)
+        if src2 is None:
+            idx = torch.arange(n1)
+            if full:
+                for c in range(K.shape[2]):
+                    K[idx, idx, c, c] = torch.where(diag1[:, c] > 0, 1.0, K[idx, idx, c, c])
+            else:
+                K[idx, idx] = torch.where(diag1 > 0, torch.ones_like(diag1), K[idx, idx])
+    return K
+
+
+def features(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    kind: str = "trntk",
+    normalize: bool | None = None,
+    parameters: ParameterSpec = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    labels: LabelSpec = None,
+    probes: int | Tensor | None = None,
+    probe_seed: int = 0,
+    modules: Sequence[str | nn.Module] | None = None,
+) -> Tensor:
+    """Per-example feature vectors whose inner products give ``kernel(..., kind=kind)``.
+
+    * trace kinds (``"trntk"``, ``"trntk0"``, sketched probes): vec J(x) = [g_1(x), ..., g_C(x)], shape
+      (N, M·P), probe-major, parameters in ``named_parameters`` order;
+    * ``"entk"``: J(x), shape (N, C, P);
+    * ``"pntk"``: Σ_c g_c(x)/√C, shape (N, P); ``"gradcos"``: ∇_θ L(x, y), shape (N, P);
+    * ``"em"``, ``"ck"``: the concatenated flattened activations.
+
+    ``normalize`` (default: the kind's) scales each row to unit norm, so that inner products of normalized
+    features are the normalized kernel. Cost: as :func:`kernel`'s capture plus materializing N·M·P floats
+    (use :func:`iter_features` to stream blocks instead of holding them).
+    """
+    blocks = [b for _, b in iter_features(
+        model, inputs, kind=kind, normalize=normalize, parameters=parameters, batch_size=batch_size,
+        device=device, dtype=dtype, labels=labels, probes=probes, probe_seed=probe_seed, modules=modules,
+    )]
+    return torch.cat(blocks)
+
+
+def iter_features(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    kind: str = "trntk",
+    normalize: bool | None = None,
+    parameters: ParameterSpec = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    labels: LabelSpec = None,
+    probes: int | Tensor | None = None,
+    probe_seed: int = 0,
+    modules: Sequence[str | nn.Module] | None = None,
+) -> Iterator[tuple[int, Tensor]]:
+    """Stream :func:`features` as ``(start_row, block)`` pairs (blocks on the CPU)."""
+    spec = _validate_common(kind, batch_size)
+    norm = spec.normalize if normalize is None else bool(normalize)
+    if probes is not None and (spec.full or spec.probes in ("loss", "none")):
+        raise InputError(f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}.")
+    lab, pred = _labels_mode(labels)
+    src = Source(inputs, batch_size, lab, "inputs")
+    with prepared(model, device=device, dtype=dtype) as (work, dev, dt):
+        sel = select_parameters(model, parameters) if spec.probes != "none" else {}
+        wparams = dict(work.named_parameters())
+        with requiring_grad([wparams[n] for n in sel]):
+            eng = _Engine(work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt,
+                          probes=probes, probe_seed=probe_seed, predicted=pred, modules=modules)
+            try:
+                for blk in src.blocks():
+                    cap = eng.capture(blk.x, blk.y)
+                    yield blk.start, _block_features(cap, list(sel), spec, norm)
+            finally:
+                eng.close()
+
+
+def _block_features(cap: BlockCapture, order: list[str], spec: KindSpec, norm: bool) -> Tensor:
+    mats: dict[str, Tensor] = {}
+    for c in cap.caps:
+        mats.update(c.materialize())
+    keys = order if order else list(mats)
+    G = torch.cat([mats[k] for k in keys], dim=2)  # (B, M, P)
+    B, M, _ = G.shape
+    if spec.full:
+        if norm:
+            G = G / G.norm(dim=2, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+        return G.cpu()
+    F_ = G.reshape(B, -1)
+    if norm:
+        F_ = F_ / F_.norm(dim=1, keepdim=True).clamp_min(torch.finfo(F_.dtype).tiny)
+    return F_.cpu()
+
+
+def available_kinds() -> list[str]:
+    """Names of the kernel kinds."""
+    from .gram import KINDS
+
+    return sorted(KINDS)
+
+
+__all__ = ["kernel", "features", "iter_features", "available_kinds", "rademacher_probes"]

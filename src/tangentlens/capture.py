@@ -1,0 +1,684 @@
+"""Per-example gradient structure: one batched forward, one batched backward per output probe.
+
+For a probe vector v (over the C logits) the per-example gradient of v·f(x) with respect to the parameters of
+a Linear, Conv1d/Conv2d or Embedding layer is a sum over positions t of outer products δ_t a_tᵀ (output
+gradient times input activation or patch); for norm-affine parameters it is Σ_t δ_t ⊙ x̂_t. Forward hooks
+record a (or x̂, or token ids); tensor hooks on the module outputs record δ during a batched backward pass
+per probe. Captures are *compact*: inner products between examples are computed from the factors,
+
+    ⟨Σ_t δ_it a_itᵀ, Σ_s δ_js a_jsᵀ⟩ = Σ_{t,s} (δ_it·δ_js)(a_it·a_js),
+
+so for an MLP (one position) a Gram block costs two small matrix products and never forms a per-example
+gradient. Where the factored form is more expensive than the gradient itself (many positions, e.g.
+convolutions), the capture materializes per-example gradients (one batched einsum) instead.
+
+Every other selected parameter (custom layers, attention in-projections, weight-tied parameters, layers
+called functionally) falls back to per-example vector-Jacobian products with ``torch.func`` (``vmap`` over
+examples), and to a plain per-example loop if ``vmap`` cannot trace the model.
+
+On the first block of every call, the sum over examples of the hook-based per-example gradients is checked
+against autograd's batch gradient; a parameter whose hook-based gradient does not match (e.g. a weight also
+used outside its module) is moved to the fallback path with a warning, so results are exact either way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import NonFiniteError, UnsupportedLayerWarning
+from .inputs import Batch, batch_size_of
+from .model import call_model, extract_logits
+
+ProbeFn = Callable[[Tensor, "Tensor | None"], Tensor]
+"""Maps detached logits (B, C) and labels (B,) or None to probe vectors (B, M, C)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Compact captures of one block and their Gram products
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OuterCap:
+    """Per-example gradients Σ_t δ[b, m, t] a[b, t]ᵀ (weight) and Σ_t δ[b, m, t] (bias).
+
+    a: (B, T, d_in); delta: (B, M, T, d_out). ``weight``/``bias`` are parameter names, or None when that
+    parameter is not selected; ``wshape`` is the weight's shape (for flattening in parameter order).
+    """
+
+    group: str
+    a: Tensor
+    delta: Tensor
+    weight: str | None
+    bias: str | None
+    wshape: tuple[int, ...]
+
+    def _a_gram(self, other: OuterCap) -> Tensor:
+        # (B1, B2, T1, T2) inner products of activations, plus 1 for the bias, 0 without the weight
+        if self.weight is not None:
+            A = torch.einsum("itd,jsd->ijts", self.a, other.a)
+            if self.bias is not None:
+                A = A + 1
+        else:
+            A = self.a.new_ones(self.a.shape[0], other.a.shape[0], self.a.shape[1], other.a.shape[1])
+        return A
+
+    def gram(self, other: OuterCap, full: bool) -> Tensor:
+        d1, d2 = self.delta, other.delta
+        B1, M, T1, _ = d1.shape
+        B2, _, T2, _ = d2.shape
+        if T1 == 1 and T2 == 1:
+            if self.weight is not None:
+                A = self.a[:, 0] @ other.a[:, 0].T
+                if self.bias is not None:
+                    A = A + 1
+            else:
+                A = d1.new_ones(B1, B2)
+            if full:
+                D = (d1[:, :, 0].reshape(B1 * M, -1) @ d2[:, :, 0].reshape(B2 * M, -1).T)
+                return A[:, :, None, None] * D.reshape(B1, M, B2, M).permute(0, 2, 1, 3)
+            D = d1.reshape(B1, -1) @ d2.reshape(B2, -1).T
+            return A * D
+        A = self._a_gram(other)
+        if full:
+            return torch.einsum("ijts,imtd,jnsd->ijmn", A, d1, d2)
+        D = torch.einsum("imtd,jmsd->ijts", d1, d2)
+        return (A * D).sum((2, 3))
+
+    def sqnorms(self) -> Tensor:
+        """(B, M) squared norms of the per-example, per-probe gradients."""
+        d = self.delta
+        if d.shape[2] == 1:
+            s = (d[:, :, 0] ** 2).sum(-1)
+            if self.weight is not None:
+                an = (self.a[:, 0] ** 2).sum(-1, keepdim=True)
+                s = s * (an + 1 if self.bias is not None else an)
+            return s
+        A = torch.einsum("btd,bsd->bts", self.a, self.a) if self.weight is not None else None
+        D = torch.einsum("bmtd,bmsd->bmts", d, d)
+        if A is None:
+            return D.sum((2, 3))
+        if self.bias is not None:
+            A = A + 1
+        return (A[:, None] * D).sum((2, 3))
+
+    def materialize(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        B, M = self.delta.shape[:2]
+        if self.weight is not None:
+            g = torch.einsum("bmto,bti->bmoi", self.delta, self.a)
+            out[self.weight] = g.reshape(B, M, -1)
+        if self.bias is not None:
+            out[self.bias] = self.delta.sum(2)
+        return out
+
+    def batch_sum(self, m: int) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        d = self.delta[:, m]
+        if self.weight is not None:
+            out[self.weight] = torch.einsum("bto,bti->oi", d, self.a).reshape(self.wshape)
+        if self.bias is not None:
+            out[self.bias] = d.sum((0, 1))
+        return out
+
+    def nbytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.delta.numel() * self.delta.element_size()
+
+
+@dataclass
+class EmbeddingCap:
+    """Per-example gradient of an embedding table: Σ_t e_{idx[b, t]} δ[b, m, t]ᵀ (one-hot rows)."""
+
+    group: str
+    idx: Tensor  # (B, T) long; padding positions already set to -1
+    delta: Tensor  # (B, M, T, d)
+    weight: str
+    num_embeddings: int
+
+    def _match(self, other: EmbeddingCap) -> Tensor:
+        S = (self.idx[:, None, :, None] == other.idx[None, :, None, :]) & (self.idx[:, None, :, None] >= 0)
+        return S.to(self.delta.dtype)
+
+    def gram(self, other: EmbeddingCap, full: bool) -> Tensor:
+        S = self._match(other)
+        if full:
+            return torch.einsum("ijts,imtd,jnsd->ijmn", S, self.delta, other.delta)
+        return torch.einsum("ijts,imtd,jmsd->ij", S, self.delta, other.delta)
+
+    def sqnorms(self) -> Tensor:
+        S = (self.idx[:, :, None] == self.idx[:, None, :]) & (self.idx[:, :, None] >= 0)
+        return torch.einsum("bts,bmtd,bmsd->bm", S.to(self.delta.dtype), self.delta, self.delta)
+
+    def _dense(self, delta: Tensor) -> Tensor:
+        # delta (B, M, T, d) -> (B, M, V, d)
+        B, M, T, d = delta.shape
+        out = delta.new_zeros(B, M, self.num_embeddings, d)
+        idx = self.idx.clamp(min=0)
+        mask = (self.idx >= 0).to(delta.dtype)
+        src = delta * mask[:, None, :, None]
+        out.scatter_add_(2, idx[:, None, :, None].expand(B, M, T, d), src)
+        return out
+
+    def materialize(self) -> dict[str, Tensor]:
+        B, M = self.delta.shape[:2]
+        return {self.weight: self._dense(self.delta).reshape(B, M, -1)}
+
+    def batch_sum(self, m: int) -> dict[str, Tensor]:
+        return {self.weight: self._dense(self.delta[:, m : m + 1]).sum((0, 1))}
+
+    def nbytes(self) -> int:
+        return self.idx.numel() * 8 + self.delta.numel() * self.delta.element_size()
+
+
+@dataclass
+class DenseCap:
+    """Materialized per-example, per-probe gradients ``{name: (B, M, p)}``."""
+
+    group: str
+    grads: dict[str, Tensor]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def _flat(self) -> Tensor:
+        gs = list(self.grads.values())
+        return gs[0] if len(gs) == 1 else torch.cat(gs, dim=2)
+
+    def gram(self, other: DenseCap, full: bool) -> Tensor:
+        g1, g2 = self._flat(), other._flat()
+        B1, M, _ = g1.shape
+        B2 = g2.shape[0]
+        if full:
+            D = g1.reshape(B1 * M, -1) @ g2.reshape(B2 * M, -1).T
+            return D.reshape(B1, M, B2, M).permute(0, 2, 1, 3)
+        return g1.reshape(B1, -1) @ g2.reshape(B2, -1).T
+
+    def sqnorms(self) -> Tensor:
+        return sum((g**2).sum(-1) for g in self.grads.values())  # type: ignore[return-value]
+
+    def materialize(self) -> dict[str, Tensor]:
+        return dict(self.grads)
+
+    def batch_sum(self, m: int) -> dict[str, Tensor]:
+        return {n: g[:, m].sum(0).reshape(self.shapes[n]) for n, g in self.grads.items()}
+
+    def nbytes(self) -> int:
+        return sum(g.numel() * g.element_size() for g in self.grads.values())
+
+
+Cap = OuterCap | EmbeddingCap | DenseCap
+
+
+@dataclass
+class BlockCapture:
+    """All compact captures of one block of examples (one per layer rule, plus the fallback group)."""
+
+    caps: list[Cap]
+    size: int
+    logits: Tensor
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.caps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer rules: forward hooks record inputs, tensor hooks record output gradients per probe
+# --------------------------------------------------------------------------------------------------
+
+
+class _Rule:
+    """Base class: hooks on one module, recording per call (input data, output gradient per probe)."""
+
+    def __init__(self, group: str, module: nn.Module, names: dict[str, str]) -> None:
+        self.group = group
+        self.module = module
+        self.names = names  # role ("weight"/"bias") -> selected parameter name
+        self.active = False
+        self.records: list[Any] = []
+        self.grads: list[dict[int, Tensor]] = []
+        self.probe = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def reset(self) -> None:
+        self.records, self.grads = [], []
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if not self.active or not isinstance(out, Tensor) or not out.requires_grad:
+            return
+        self.records.append(self.record(args[0]))
+        slot: dict[int, Tensor] = {}
+        self.grads.append(slot)
+        out.register_hook(lambda g, slot=slot: slot.__setitem__(self.probe, g.detach()))
+
+    def deltas(self, call: int, M: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Output gradients of one call stacked over probes: (B, M, *out_shape).
+
+        Probes whose gradient never reached this module (the output does not depend on it) give zeros of
+        ``shape``, the output's shape.
+        """
+        slot = self.grads[call]
+        if slot:
+            shape = tuple(next(iter(slot.values())).shape)
+        zero = like.new_zeros(shape)
+        return torch.stack([slot.get(m, zero) for m in range(M)], 1)
+
+    def record(self, x: Tensor) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finalize(self, M: int) -> Cap:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def fired(self) -> bool:
+        return bool(self.records)
+
+    def params(self) -> list[str]:
+        return list(self.names.values())
+
+
+def _materialize_is_cheaper(T: int, d_in: int, d_out: int, M: int) -> bool:
+    # pairwise cost of the factored form vs the materialized gradient (per pair of examples)
+    return T > 1 and T * T * (d_in + M * d_out) > M * d_in * d_out
+
+
+def _to_dense(cap: OuterCap) -> DenseCap:
+    shapes = {}
+    if cap.weight:
+        shapes[cap.weight] = cap.wshape
+    if cap.bias:
+        shapes[cap.bias] = (cap.wshape[0],)
+    return DenseCap(cap.group, cap.materialize(), shapes)
+
+
+class LinearRule(_Rule):
+    def record(self, x: Tensor) -> Tensor:
+        return x.detach().reshape(x.shape[0], -1, x.shape[-1])
+
+    def finalize(self, M: int) -> Cap:
+        dout = self.module.out_features  # type: ignore[union-attr]
+        a_parts, d_parts = [], []
+        for i, a in enumerate(self.records):
+            B, T, _ = a.shape
+            d = self.deltas(i, M, (B, T, dout), a)
+            a_parts.append(a)
+            d_parts.append(d.reshape(B, M, T, dout))
+        a = torch.cat(a_parts, 1)
+        d = torch.cat(d_parts, 2)
+        w = self.module.weight  # type: ignore[union-attr]
+        cap = OuterCap(self.group, a, d, self.names.get("weight"), self.names.get("bias"), tuple(w.shape))
+        if _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M):
+            return _to_dense(cap)
+        return cap
+
+
+class ConvRule(_Rule):
+    """Conv1d/Conv2d with groups=1 and zero padding: patches via unfold."""
+
+    def record(self, x: Tensor) -> Tensor:
+        return x.detach()
+
+    def _unfold(self, x: Tensor) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.Conv1d):
+            x4 = x.unsqueeze(2)
+            k, s, p, d = (1, m.kernel_size[0]), (1, m.stride[0]), (0, m.padding[0]), (1, m.dilation[0])  # type: ignore[index]
+        else:
+            x4 = x
+            k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation  # type: ignore[assignment]
+        cols = F.unfold(x4, k, dilation=d, padding=p, stride=s)  # (B, Cin*k, L)
+        return cols.transpose(1, 2)
+
+    def finalize(self, M: int) -> Cap:
+        cout = self.module.out_channels  # type: ignore[union-attr]
+        a_parts, d_parts = [], []
+        for i, x in enumerate(self.records):
+            a = self._unfold(x)
+            B, T, _ = a.shape
+            d = self.deltas(i, M, (B, cout, T), a)
+            a_parts.append(a)
+            d_parts.append(d.reshape(B, M, cout, T).transpose(2, 3))
+        a = torch.cat(a_parts, 1)
+        d = torch.cat(d_parts, 2)
+        w = self.module.weight  # type: ignore[union-attr]
+        cap = OuterCap(self.group, a, d, self.names.get("weight"), self.names.get("bias"), tuple(w.shape))
+        if _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M):
+            return _to_dense(cap)
+        return cap
+
+
+class EmbeddingRule(_Rule):
+    def record(self, x: Tensor) -> Tensor:
+        idx = x.detach().reshape(x.shape[0], -1).long()
+        pad = self.module.padding_idx  # type: ignore[union-attr]
+        if pad is not None:
+            idx = torch.where(idx == pad, torch.full_like(idx, -1), idx)
+        return idx
+
+    def finalize(self, M: int) -> Cap:
+        m = self.module
+        d_model = m.embedding_dim  # type: ignore[union-attr]
+        w = m.weight  # type: ignore[union-attr]
+        idx_parts, d_parts = [], []
+        for i, idx in enumerate(self.records):
+            B, T = idx.shape
+            d = self.deltas(i, M, (B, T, d_model), w)
+            idx_parts.append(idx)
+            d_parts.append(d.reshape(B, M, T, d_model))
+        return EmbeddingCap(
+            self.group,
+            torch.cat(idx_parts, 1),
+            torch.cat(d_parts, 2),
+            self.names["weight"],
+            m.num_embeddings,  # type: ignore[union-attr]
+        )
+
+
+class NormRule(_Rule):
+    """LayerNorm (elementwise affine) and BatchNorm with running statistics (eval mode): y = x̂ ⊙ w + b."""
+
+    def record(self, x: Tensor) -> Tensor:
+        m = self.module
+        x = x.detach()
+        if isinstance(m, nn.LayerNorm):
+            dims = tuple(range(x.dim() - len(m.normalized_shape), x.dim()))
+            mean = x.mean(dims, keepdim=True)
+            var = x.var(dims, unbiased=False, keepdim=True)
+            return (x - mean) / torch.sqrt(var + m.eps)
+        assert isinstance(m, nn.modules.batchnorm._BatchNorm)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        rm = m.running_mean.reshape(shape)  # type: ignore[union-attr]
+        rv = m.running_var.reshape(shape)  # type: ignore[union-attr]
+        return (x - rm) / torch.sqrt(rv + m.eps)
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        # sum a (B, M, *shape) tensor over the positions that share the affine parameters -> (B, M, p)
+        m = self.module
+        B, M = t.shape[:2]
+        if isinstance(m, nn.LayerNorm):
+            k = len(m.normalized_shape)
+            t = t.reshape(B, M, -1, *t.shape[t.dim() - k :]).sum(2)
+            return t.reshape(B, M, -1)
+        t = t.reshape(B, M, t.shape[2], -1).sum(-1)
+        return t
+
+    def finalize(self, M: int) -> Cap:
+        grads: dict[str, Tensor] = {}
+        for i, xh in enumerate(self.records):
+            d = self.deltas(i, M, tuple(xh.shape), xh)
+            if "weight" in self.names:
+                gw = self._reduce(d * xh[:, None])
+                n = self.names["weight"]
+                grads[n] = grads[n] + gw if n in grads else gw
+            if "bias" in self.names:
+                gb = self._reduce(d)
+                n = self.names["bias"]
+                grads[n] = grads[n] + gb if n in grads else gb
+        shapes = {n: tuple(getattr(self.module, r).shape) for r, n in self.names.items()}
+        return DenseCap(self.group, grads, shapes)
+
+
+def _rule_class(module: nn.Module) -> type[_Rule] | None:
+    if type(module) is nn.Linear or (
+        isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    ):
+        return LinearRule
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and type(module).forward in (
+        nn.Conv1d.forward,
+        nn.Conv2d.forward,
+    ):
+        if module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            return ConvRule
+        if module.groups == 1 and module.padding == "valid":
+            return ConvRule
+        return None
+    if type(module) is nn.Embedding:
+        if module.max_norm is None and not module.scale_grad_by_freq:
+            return EmbeddingRule
+        return None
+    if type(module) is nn.LayerNorm and module.elementwise_affine:
+        return NormRule
+    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        if module.affine and module.track_running_stats and module.running_mean is not None:
+            return NormRule
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Fallback: per-example vector-Jacobian products with torch.func
+# --------------------------------------------------------------------------------------------------
+
+
+def _unsqueeze(x: Batch) -> Batch:
+    if isinstance(x, Tensor):
+        return x.unsqueeze(0)
+    return {k: (v.unsqueeze(0) if isinstance(v, Tensor) else v) for k, v in x.items()}
+
+
+class Fallback:
+    """Per-example, per-probe gradients of arbitrary parameters via ``torch.func`` (vmap of vjp).
+
+    Cost: one per-example forward and M vector-Jacobian products per example (vectorized by ``vmap``);
+    memory B·M·P_fallback per block.
+    """
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter]) -> None:
+        self.model = model
+        self.params = params
+        self.use_loop = False
+
+    def _single(self, p: dict[str, Tensor], x: Batch) -> Tensor:
+        xb = _unsqueeze(x)
+        if isinstance(xb, dict):
+            res = torch.func.functional_call(self.model, p, args=(), kwargs=xb, strict=False)
+        else:
+            res = torch.func.functional_call(self.model, p, (xb,), strict=False)
+        return extract_logits(res)[0]
+
+    def __call__(self, x: Batch, V: Tensor) -> DenseCap:
+        names = list(self.params)
+        shapes = {n: tuple(self.params[n].shape) for n in names}
+        if not self.use_loop:
+            try:
+                grads = self._vmap(x, V)
+            except Exception as e:  # noqa: BLE001 - any tracing failure falls back to the loop
+                warnings.warn(
+                    f"torch.func.vmap could not trace the model ({type(e).__name__}: {e}); "
+                    "falling back to a per-example loop for the fallback parameters (slower, still exact).",
+                    UnsupportedLayerWarning,
+                    stacklevel=4,
+                )
+                self.use_loop = True
+        if self.use_loop:
+            grads = self._loop(x, V)
+        B, M = V.shape[:2]
+        return DenseCap("<fallback>", {n: grads[n].reshape(B, M, -1) for n in names}, shapes)
+
+    def _vmap(self, x: Batch, V: Tensor) -> dict[str, Tensor]:
+        primals = {n: p.detach() for n, p in self.params.items()}
+
+        def one(x_i: Batch, v_i: Tensor) -> dict[str, Tensor]:
+            _, vjp_fn = torch.func.vjp(lambda p: self._single(p, x_i), primals)
+            return torch.func.vmap(vjp_fn)(v_i)[0]
+
+        return torch.func.vmap(one)(x, V)
+
+    def _loop(self, x: Batch, V: Tensor) -> dict[str, Tensor]:
+        B, M = V.shape[:2]
+        ps = list(self.params.values())
+        out: dict[str, list[Tensor]] = {n: [] for n in self.params}
+        for i in range(B):
+            xi = {k: v[i : i + 1] for k, v in x.items()} if isinstance(x, dict) else x[i : i + 1]
+            logits = extract_logits(call_model(self.model, xi), 1)[0]
+            per_m = []
+            for m in range(M):
+                per_m.append(torch.autograd.grad(logits, ps, V[i, m], retain_graph=True, allow_unused=True))
+            for k, n in enumerate(self.params):
+                out[n].append(
+                    torch.stack([g[k] if g[k] is not None else torch.zeros_like(ps[k]) for g in per_m])
+                )
+        return {n: torch.stack(v) for n, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The capturer: sets up rules, checks them on the first block, captures blocks
+# --------------------------------------------------------------------------------------------------
+
+
+class GradientCapture:
+    """Captures compact per-example gradients of ``params`` for blocks of examples.
+
+    Args:
+        model: a prepared model (eval mode, final device and dtype).
+        params: the selected parameters ``{name: parameter}`` of ``model``.
+        probe_fn: builds the probe vectors (B, M, C) from logits and labels.
+        verify: check hook-based gradients against autograd on the first block (recommended).
+
+    Use as a context manager; hooks are removed on exit.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        probe_fn: ProbeFn,
+        verify: bool = True,
+    ) -> None:
+        self.model = model
+        self.params = params
+        self.probe_fn = probe_fn
+        self.verify = verify
+        self.rules: list[_Rule] = []
+        self.fallback_names: list[str] = []
+        self._checked = False
+        self._fallback: Fallback | None = None
+        by_id = {id(p): n for n, p in params.items()}
+        covered: set[str] = set()
+        for mname, mod in model.named_modules():
+            own = {r: p for r, p in mod.named_parameters(recurse=False) if id(p) in by_id}
+            if not own:
+                continue
+            cls = _rule_class(mod)
+            if cls is None or not set(own) <= {"weight", "bias"}:
+                continue
+            names = {r: by_id[id(p)] for r, p in own.items()}
+            if any(n in covered for n in names.values()):
+                continue  # shared module used twice in the tree: first one wins
+            self.rules.append(cls(mname or "<root>", mod, names))
+            covered.update(names.values())
+        self.fallback_names = [n for n in params if n not in covered]
+
+    def __enter__(self) -> GradientCapture:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for r in self.rules:
+            r.remove()
+
+    def _demote(self, rules: list[_Rule], why: str) -> None:
+        if not rules:
+            return
+        names = [n for r in rules for n in r.params()]
+        warnings.warn(
+            f"{why}: {', '.join(r.group for r in rules)}. Their parameters ({len(names)}) use the "
+            "per-example torch.func fallback (exact, slower).",
+            UnsupportedLayerWarning,
+            stacklevel=4,
+        )
+        for r in rules:
+            r.remove()
+            self.rules.remove(r)
+        keep = set(self.fallback_names) | set(names)
+        self.fallback_names = [n for n in self.params if n in keep]
+        self._fallback = None
+
+    def _warn_unsupported(self) -> None:
+        if self.fallback_names:
+            warnings.warn(
+                "No fast exact rule for parameters "
+                f"{self.fallback_names[:6]}{' ...' if len(self.fallback_names) > 6 else ''}; "
+                "they use the per-example torch.func fallback (exact, slower).",
+                UnsupportedLayerWarning,
+                stacklevel=4,
+            )
+
+    def capture(self, x: Batch, y: Tensor | None) -> BlockCapture:
+        """Capture one block: one forward, one backward per probe (+ fallback vjps)."""
+        first = not self._checked
+        if first:
+            self._warn_unsupported()
+        B = batch_size_of(x)
+        for r in self.rules:
+            r.reset()
+            r.active = True
+        try:
+            logits = extract_logits(call_model(self.model, x), B)
+        finally:
+            for r in self.rules:
+                r.active = False
+        if not torch.isfinite(logits).all():
+            raise NonFiniteError(
+                "The model produced NaN or infinite logits; check the inputs (NaN pixels?) and the weights."
+            )
+        if first:
+            silent = [r for r in self.rules if not r.fired]
+            if silent:
+                self._demote(silent, "These modules were never called through their forward()")
+        V = self.probe_fn(logits.detach(), y)
+        M = V.shape[1]
+        hooked = [self.params[n] for r in self.rules for n in r.params()]
+        hooked_names = [n for r in self.rules for n in r.params()]
+        check_grads: tuple[Tensor | None, ...] | None = None
+        if self.rules and logits.requires_grad:
+            for m in range(M):
+                for r in self.rules:
+                    r.probe = m
+                gs = torch.autograd.grad(
+                    logits, hooked, V[:, m], retain_graph=m < M - 1, allow_unused=True
+                )
+                if m == 0:
+                    check_grads = gs
+        caps: list[Cap] = [r.finalize(M) for r in self.rules]
+        for r in self.rules:
+            r.reset()
+        if first and self.verify and check_grads is not None:
+            self._checked = True
+            bad = self._verify(caps, dict(zip(hooked_names, check_grads)))
+            if bad:
+                self._demote(bad, "Hook-based gradients disagree with autograd (a parameter used "
+                             "outside its module, e.g. weight tying)")
+                return self.capture(x, y)
+        self._checked = True
+        if self.fallback_names:
+            if self._fallback is None:
+                self._fallback = Fallback(self.model, {n: self.params[n] for n in self.fallback_names})
+            caps.append(self._fallback(x, V))
+        for c in caps:
+            for t in c.materialize().values() if isinstance(c, DenseCap) else [c.delta]:
+                if not torch.isfinite(t).all():
+                    raise NonFiniteError(
+                        f"NaN or infinite gradients in layer group {c.group!r}; check the model and inputs."
+                    )
+        return BlockCapture(caps, B, logits.detach())
+
+    def _verify(self, caps: list[Cap], ref: dict[str, Tensor | None]) -> list[_Rule]:
+        bad: list[_Rule] = []
+        dtype = next((v.dtype for v in ref.values() if v is not None), torch.float32)
+        tol = 1e-8 if dtype == torch.float64 else 1e-3
+        for rule, cap in zip(self.rules, caps):
+            sums = cap.batch_sum(0)
+            for n, s in sums.items():
+                r = ref.get(n)
+                r = torch.zeros_like(s) if r is None else r
+                scale = float(r.norm()) + float(s.norm()) + 1e-30
+                if float((s - r).norm()) > tol * scale:
+                    bad.append(rule)
+                    break
+        return bad
