@@ -216,6 +216,9 @@ def test_rows_bit_identical_across_batch_sizes(kind: str) -> None:
 
 def test_matrix_is_a_function_of_seed_and_columns_only() -> None:
     for kind in FLAT_KINDS:
+        pr = Projection(64, kind, seed=9, tile=128 if kind == "srht" else None)
+        m32 = pr.matrix(300, dtype=torch.float32)
+        torch.testing.assert_close(m32.double(), pr.matrix(300), rtol=1e-6, atol=1e-7)
         a = Projection(64, kind, seed=9, tile=128 if kind == "srht" else 50).matrix(300)
         b = Projection(64, kind, seed=9, tile=128 if kind == "srht" else 4096).matrix(300)
         c = Projection(64, kind, seed=10, tile=128 if kind == "srht" else None).matrix(300)
@@ -336,12 +339,14 @@ def test_fidelity_statistics_and_plot(tmp_path) -> None:
     x = torch.randn(16, 600, generator=gen, dtype=torch.float64)
     x = x + x[torch.arange(16) // 4]
     ex = cosine_gram(x)
-    reps = fidelity_curve(lambda k: cosine_gram(Projection(k, seed=1).project(x, 0, 600)), ex,
-                          [256, 32, 64])  # fmt: skip
+    reps = fidelity_curve(
+        lambda k: cosine_gram(Projection(k, seed=1).project(x, 0, 600)), ex, [256, 32, 64]
+    )
     assert [r.K for r in reps] == [32, 64, 256]
     assert reps[0].mean_abs > reps[-1].mean_abs
-    out = plot_fidelity({"rademacher": reps, "sjlt": reps[:2]}, str(tmp_path / "fid.png"),
-                        title="test")  # fmt: skip
+    out = plot_fidelity(
+        {"rademacher": reps, "sjlt": reps[:2]}, str(tmp_path / "fid.png"), title="test"
+    )
     with open(out, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(InputError):
@@ -352,8 +357,10 @@ def test_cosine_gram_normalizes_after_summing_over_classes() -> None:
     feats = torch.randn(5, 3, 8, dtype=torch.float64)
     gram = cosine_gram(feats)
     flat = feats.reshape(5, -1)
-    torch.testing.assert_close(gram, torch.nn.functional.normalize(flat, dim=1) @
-                               torch.nn.functional.normalize(flat, dim=1).T)  # fmt: skip
+    torch.testing.assert_close(
+        gram,
+        torch.nn.functional.normalize(flat, dim=1) @ torch.nn.functional.normalize(flat, dim=1).T,
+    )
     torch.testing.assert_close(torch.diagonal(gram), torch.ones(5, dtype=torch.float64))
 
 

@@ -21,15 +21,17 @@ counter-based hash (no sequential random stream), so
   kernel, with a different summation order, for very small row counts).
 
 The hash is computed with plain integer tensor operations, so the same seed gives the same matrix on
-CPU and CUDA. ``R`` is never held whole unless ``K x P`` floats fit in ``memory_budget_bytes``; then
-generated tiles are cached on first use (cache what fits, regenerate the rest: optimal for the
-cyclic access of a multi-batch pass).
+CPU and CUDA (``"gaussian"`` draws its blocks from seeded CPU generators, also device independent).
+``R`` is never held whole unless ``K x P`` floats fit in ``memory_budget_bytes``; then generated
+tiles are cached on first use (cache what fits, regenerate the rest: optimal for the cyclic access
+of a multi-batch pass).
 
 Kinds (``K = dim``):
 
 - ``"rademacher"``: dense i.i.d. +-1/sqrt(K). ``phi = g @ R^T`` is one matrix product, ``2 n P K``
   flops.
-- ``"gaussian"``: dense i.i.d. N(0, 1/K) (Box-Muller on the hash), same cost, slower to generate.
+- ``"gaussian"``: dense i.i.d. N(0, 1/K) (``torch.randn`` per seeded block of 64 columns, always
+  on the CPU generator), same product cost, slower to generate.
 - ``"sjlt"``: sparse JL / CountSketch. ``K`` is split into ``s`` blocks; every column has one
   nonzero ``+-1/sqrt(s)`` at a hashed row of every block (so the ``s`` nonzeros are distinct).
   Applied as a sparse CSR product, ``O(n p s)`` and memory-bound.
@@ -140,23 +142,38 @@ def _rademacher_rows(col_keys: Tensor, width: int, salt: int, dtype: torch.dtype
     n_words = (width + 31) // 32
     h = _word_hash(col_keys, n_words, salt)
     shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=h.device)
-    idx = (h[:, :, None] >> shifts) & 0xFF  # (p, W, 4) bytes, endianness independent
+    idx = ((h[:, :, None] >> shifts) & 0xFF).to(torch.int32)  # (p, W, 4) bytes, any endianness
     lut = _sign_lut(h.device, dtype)
     out = torch.nn.functional.embedding(idx.reshape(h.shape[0], -1), lut)  # (p, 4W, 8)
     return out.reshape(h.shape[0], 32 * n_words)[:, :width]
 
 
-def _gaussian_rows(col_keys: Tensor, width: int, salt: int, dtype: torch.dtype) -> Tensor:
-    """``(len(col_keys), width)`` i.i.d. N(0, 1) entries: Box-Muller on two hashed words a pair."""
-    n_pairs = (width + 1) // 2
-    h1 = _word_hash(col_keys, n_pairs, salt)
-    h2 = _mix32((h1 + 0xBB67AE85) & _M32)
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    u1 = ((h1 >> 8).to(work) + 0.5) * (1.0 / 2**24)  # in (0, 1): radius capped at 5.9 sigma
-    u2 = (h2 >> 8).to(work) * (2.0 * math.pi / 2**24)
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    z = torch.stack([r * torch.cos(u2), r * torch.sin(u2)], dim=-1)  # (p, pairs, 2)
-    return z.reshape(col_keys.shape[0], 2 * n_pairs)[:, :width].to(dtype)
+_GAUSS_BLOCK = 64  # columns per independently seeded Gaussian block
+
+
+def _gaussian_rows(
+    j0: int, j1: int, width: int, words: Sequence[int], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``R^T[j0:j1]`` of i.i.d. N(0, 1) entries, shape ``(j1 - j0, width)``.
+
+    Columns come in fixed blocks of 64; block ``b`` is drawn by ``torch.randn`` from a CPU generator
+    seeded with a hash of ``(seed, b)``, so any column range is reproducible (and identical on every
+    device: CUDA tiles are generated on the CPU and copied). Cost ~5-10 ns per entry, one core.
+    """
+    gen = torch.Generator()
+    work = torch.float32  # drawn in float32 for every dtype, so the matrix does not depend on it
+    out = torch.empty((j1 - j0, width), dtype=work)
+    for b in range(j0 // _GAUSS_BLOCK, (j1 - 1) // _GAUSS_BLOCK + 1):
+        lo, hi = b * _GAUSS_BLOCK, (b + 1) * _GAUSS_BLOCK
+        gen.manual_seed(
+            int.from_bytes(
+                hashlib.blake2b(repr((*words, b)).encode(), digest_size=7).digest(), "little"
+            )
+        )
+        block = torch.randn((_GAUSS_BLOCK, width), generator=gen, dtype=work)
+        a0, a1 = max(lo, j0), min(hi, j1)
+        out[a0 - j0 : a1 - j0] = block[a0 - lo : a1 - lo]
+    return out.to(device=device, dtype=dtype)
 
 
 def _hadamard(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -303,9 +320,14 @@ class Projection:
         self._flat: Projection | None = None
         if kind == "kronecker":
             self._flat = Projection(
-                self.dim, fallback, seed=self.seed, scale=scale, s=self.s,
-                memory_budget_bytes=memory_budget_bytes, dtype=dtype,
-            )  # fmt: skip
+                self.dim,
+                fallback,
+                seed=self.seed,
+                scale=scale,
+                s=self.s,
+                memory_budget_bytes=memory_budget_bytes,
+                dtype=dtype,
+            )
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -338,8 +360,16 @@ class Projection:
         if d["kind"] == "kronecker":
             extra = dict(kron_dim=d["kron_dim"], fold=d["fold"], fallback=d["fallback"])
         tile = d.get("tile") if d["kind"] == "srht" else None
-        return cls(d["dim"], d["kind"], seed=d["seed"], scale=d["scale"], s=d.get("s", 2),
-                   dtype=dtype, tile=tile, **extra)  # fmt: skip
+        return cls(
+            d["dim"],
+            d["kind"],
+            seed=d["seed"],
+            scale=d["scale"],
+            s=d.get("s", 2),
+            dtype=dtype,
+            tile=tile,
+            **extra,
+        )
 
     def __repr__(self) -> str:
         extra = f", s={self.s}" if self.kind == "sjlt" else ""
@@ -456,10 +486,10 @@ class Projection:
 
     def _dense_rows(self, j0: int, j1: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """``R^T[j0:j1]`` with +-1 (or N(0,1)) entries, shape ``(j1 - j0, Kpad)``."""
-        keys = _column_keys(j0, j1, self._words, device)
         if self.kind == "rademacher":
+            keys = _column_keys(j0, j1, self._words, device)
             return _rademacher_rows(keys, self._kpad, self._words[2], dtype)
-        return _gaussian_rows(keys, self._kpad, self._words[2], dtype)
+        return _gaussian_rows(j0, j1, self._kpad, self._words, device, dtype)
 
     def _project_dense(self, g: Tensor, offset: int, out: Tensor) -> None:
         p = g.shape[1]
@@ -493,9 +523,15 @@ class Projection:
         return rows.T.contiguous(), signs.T.contiguous()
 
     def _sjlt_csr(
-        self, j0: int, j1: int, words: Sequence[int], k: int, s: int,
-        device: torch.device, dtype: torch.dtype,
-    ) -> Tensor:  # fmt: skip
+        self,
+        j0: int,
+        j1: int,
+        words: Sequence[int],
+        k: int,
+        s: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> Tensor:
         """The ``(k, j1 - j0)`` sparse CSR block of the CountSketch matrix (values +-1/sqrt(s))."""
         rows, signs = self._sjlt_structure(j0, j1, words, k, s, device)
         p = j1 - j0
@@ -634,8 +670,11 @@ class Projection:
             keys = _column_keys(0, d, words, device)
             return _rademacher_rows(keys, k, words[2], dtype) * (1.0 / math.sqrt(k))
 
-        return self._cached(("kron", str(key), side, d, k, device, dtype), make,
-                            d * k * torch.empty((), dtype=dtype).element_size())  # fmt: skip
+        return self._cached(
+            ("kron", str(key), side, d, k, device, dtype),
+            make,
+            d * k * torch.empty((), dtype=dtype).element_size(),
+        )
 
     def project_kronecker(
         self,
@@ -934,8 +973,14 @@ def plot_fidelity(
             p = torch.linspace(0, 1, len(last.quantiles))
             ax2.plot(q, p, color=line.get_color(), label=f"{label} K={last.K}")
             xs = torch.linspace(0, float(q[-1]), 200)
-            ax2.plot(xs, 1 - torch.exp(-xs / last.exp_cdf_a), "--", color=line.get_color(),
-                     alpha=0.6, label=f"1-exp(-x/a), a={last.exp_cdf_a:.3g}")  # fmt: skip
+            ax2.plot(
+                xs,
+                1 - torch.exp(-xs / last.exp_cdf_a),
+                "--",
+                color=line.get_color(),
+                alpha=0.6,
+                label=f"1-exp(-x/a), a={last.exp_cdf_a:.3g}",
+            )
     all_reps = [r for reps in series.values() for r in reps if r.K is not None]
     if all_reps:
         k0 = min(r.K for r in all_reps)
