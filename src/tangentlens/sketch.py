@@ -53,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -134,25 +135,41 @@ def _sign_lut(device: torch.device, dtype: torch.dtype) -> Tensor:
     return _LUT_CACHE[key]
 
 
-def _rademacher_rows(col_keys: Tensor, width: int, salt: int, dtype: torch.dtype) -> Tensor:
+def _rademacher_rows(
+    col_keys: Tensor, width: int, salt: int, dtype: torch.dtype, out: Tensor | None = None
+) -> Tensor:
     """``(len(col_keys), width)`` +-1 matrix: entry (j, k) is bit ``k % 32`` of j's word ``k//32``.
 
-    Cost: one hash per 32 entries and one table lookup per 8 entries (~3 ns per entry, one core).
+    Cost: one hash per 32 entries and one 8-entry table lookup per byte, written into ``out`` (a
+    reused ``(p, 32 * ceil(width / 32))`` buffer) when given: ~1-2 ns per entry on one core; a fresh
+    allocation costs more than the generation itself (page faults).
     """
     n_words = (width + 31) // 32
+    p = col_keys.shape[0]
     h = _word_hash(col_keys, n_words, salt)
-    shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=h.device)
-    idx = ((h[:, :, None] >> shifts) & 0xFF).to(torch.int32)  # (p, W, 4) bytes, any endianness
+    h = (h - ((h >> 31) << 32)).to(torch.int32)  # same bits, signed range
+    b = h.view(torch.uint8)  # (p, 4 W) bytes
+    if sys.byteorder == "big":
+        b = b.view(p, n_words, 4).flip(-1).reshape(p, 4 * n_words)
+    idx = b.reshape(-1).to(torch.int32)
     lut = _sign_lut(h.device, dtype)
-    out = torch.nn.functional.embedding(idx.reshape(h.shape[0], -1), lut)  # (p, 4W, 8)
-    return out.reshape(h.shape[0], 32 * n_words)[:, :width]
+    if out is None:
+        out = torch.empty((p, 32 * n_words), dtype=dtype, device=h.device)
+    torch.index_select(lut, 0, idx, out=out.view(p * 4 * n_words, 8))
+    return out[:, :width]
 
 
 _GAUSS_BLOCK = 64  # columns per independently seeded Gaussian block
 
 
 def _gaussian_rows(
-    j0: int, j1: int, width: int, words: Sequence[int], device: torch.device, dtype: torch.dtype
+    j0: int,
+    j1: int,
+    width: int,
+    words: Sequence[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``R^T[j0:j1]`` of i.i.d. N(0, 1) entries, shape ``(j1 - j0, width)``.
 
@@ -162,18 +179,25 @@ def _gaussian_rows(
     """
     gen = torch.Generator()
     work = torch.float32  # drawn in float32 for every dtype, so the matrix does not depend on it
-    out = torch.empty((j1 - j0, width), dtype=work)
+    direct = out is not None and out.dtype == work and out.device.type == "cpu"
+    buf = out if direct else torch.empty((j1 - j0, width), dtype=work)
+    assert buf is not None
     for b in range(j0 // _GAUSS_BLOCK, (j1 - 1) // _GAUSS_BLOCK + 1):
         lo, hi = b * _GAUSS_BLOCK, (b + 1) * _GAUSS_BLOCK
         gen.manual_seed(
-            int.from_bytes(
-                hashlib.blake2b(repr((*words, b)).encode(), digest_size=7).digest(), "little"
-            )
+            int.from_bytes(hashlib.blake2b(repr((*words, b)).encode(), digest_size=7).digest(), "little")
         )
-        block = torch.randn((_GAUSS_BLOCK, width), generator=gen, dtype=work)
         a0, a1 = max(lo, j0), min(hi, j1)
-        out[a0 - j0 : a1 - j0] = block[a0 - lo : a1 - lo]
-    return out.to(device=device, dtype=dtype)
+        if a0 == lo and a1 == hi:
+            torch.randn((_GAUSS_BLOCK, width), generator=gen, out=buf[a0 - j0 : a1 - j0])
+        else:
+            block = torch.randn((_GAUSS_BLOCK, width), generator=gen, dtype=work)
+            buf[a0 - j0 : a1 - j0] = block[a0 - lo : a1 - lo]
+    if direct:
+        return buf
+    if out is not None:
+        return out.copy_(buf)
+    return buf.to(device=device, dtype=dtype)
 
 
 def _hadamard(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -201,6 +225,20 @@ def _matmul(x: Tensor, w: Tensor) -> Tensor:
         pad[:n] = x
         return (pad @ w)[:n]
     return x @ w
+
+
+def _addmm_(out: Tensor, x: Tensor, w: Tensor) -> None:
+    """``out += x @ w`` in place (no temporary), padded to 16 rows like :func:`_matmul`."""
+    n = x.shape[0]
+    if 0 < n < _MIN_GEMM_ROWS:
+        xp = x.new_zeros((_MIN_GEMM_ROWS, x.shape[1]))
+        xp[:n] = x
+        op = out.new_zeros((_MIN_GEMM_ROWS, out.shape[1]))
+        op[:n] = out
+        op.addmm_(xp, w)
+        out.copy_(op[:n])
+    elif n:
+        out.addmm_(x, w)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,15 +312,11 @@ class Projection:
     ) -> None:
         self.dim = _check_int("dim (the projection dimension K)", dim, minimum=1)
         if not isinstance(kind, str) or kind not in KINDS:
-            raise UnknownKindError(
-                f"Unknown projection kind {kind!r}; choose one of {list(KINDS)}."
-            )
+            raise UnknownKindError(f"Unknown projection kind {kind!r}; choose one of {list(KINDS)}.")
         self.kind = kind
         self.seed = _check_int("seed", seed)
         if not isinstance(scale, str) or scale not in SCALES:
-            raise UnknownKindError(
-                f"Unknown projection scale {scale!r}; choose one of {list(SCALES)}."
-            )
+            raise UnknownKindError(f"Unknown projection scale {scale!r}; choose one of {list(SCALES)}.")
         self.scale = scale
         self.s = _check_int("s (nonzeros per column)", s, minimum=1)
         if kind == "sjlt" and self.s > self.dim:
@@ -291,14 +325,10 @@ class Projection:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise InputError(f"dtype must be a floating torch.dtype or None, got {dtype!r}.")
         self.dtype = dtype
-        self.kron_dim = (
-            self.dim if kron_dim is None else _check_int("kron_dim", kron_dim, minimum=1)
-        )
+        self.kron_dim = self.dim if kron_dim is None else _check_int("kron_dim", kron_dim, minimum=1)
         self.fold = bool(fold)
         if fallback not in FLAT_KINDS:
-            raise UnknownKindError(
-                f"Unknown fallback kind {fallback!r}; choose one of {list(FLAT_KINDS)}."
-            )
+            raise UnknownKindError(f"Unknown fallback kind {fallback!r}; choose one of {list(FLAT_KINDS)}.")
         self.fallback = fallback
         self._kpad = 32 * ((self.dim + 31) // 32)
         if kind == "srht":
@@ -317,6 +347,7 @@ class Projection:
         self._words = _seed_words("tangentlens.sketch", _GEN_VERSION, kind, self.seed, self.dim)
         self._cache: dict[tuple[Any, ...], Any] = {}
         self._cache_bytes = 0
+        self._work: dict[tuple[Any, ...], Tensor] = {}
         self._flat: Projection | None = None
         if kind == "kronecker":
             self._flat = Projection(
@@ -374,8 +405,7 @@ class Projection:
     def __repr__(self) -> str:
         extra = f", s={self.s}" if self.kind == "sjlt" else ""
         return (
-            f"Projection(dim={self.dim}, kind={self.kind!r}, seed={self.seed}, "
-            f"scale={self.scale!r}{extra})"
+            f"Projection(dim={self.dim}, kind={self.kind!r}, seed={self.seed}, scale={self.scale!r}{extra})"
         )
 
     def __eq__(self, other: object) -> bool:
@@ -388,12 +418,14 @@ class Projection:
         state = self.__dict__.copy()
         state["_cache"] = {}
         state["_cache_bytes"] = 0
+        state["_work"] = {}
         return state
 
     def clear_cache(self) -> None:
         """Drop every cached tile (frees memory; results do not change)."""
         self._cache.clear()
         self._cache_bytes = 0
+        self._work.clear()
         if self._flat is not None:
             self._flat.clear_cache()
 
@@ -448,8 +480,7 @@ class Projection:
         total = offset + p if total_dim is None else _check_int("total_dim", total_dim, minimum=1)
         if offset + p > total:
             raise InputError(
-                f"columns [{offset}, {offset + p}) exceed total_dim={total}; "
-                "pass the full length P."
+                f"columns [{offset}, {offset + p}) exceed total_dim={total}; pass the full length P."
             )
         dtype = self.dtype or g.dtype
         g = g.to(dtype)
@@ -484,28 +515,42 @@ class Projection:
 
     # dense -------------------------------------------------------------------------------------
 
-    def _dense_rows(self, j0: int, j1: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    def _dense_rows(
+        self, j0: int, j1: int, device: torch.device, dtype: torch.dtype, out: Tensor | None = None
+    ) -> Tensor:
         """``R^T[j0:j1]`` with +-1 (or N(0,1)) entries, shape ``(j1 - j0, Kpad)``."""
         if self.kind == "rademacher":
             keys = _column_keys(j0, j1, self._words, device)
-            return _rademacher_rows(keys, self._kpad, self._words[2], dtype)
-        return _gaussian_rows(j0, j1, self._kpad, self._words, device, dtype)
+            return _rademacher_rows(keys, self._kpad, self._words[2], dtype, out=out)
+        return _gaussian_rows(j0, j1, self._kpad, self._words, device, dtype, out=out)
+
+    def _workspace(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """A reused ``(rows, Kpad)`` buffer (at most ``tile x Kpad``) for uncached tiles."""
+        key = (device, dtype)
+        buf = self._work.get(key)
+        if buf is None:
+            buf = torch.empty(self.tile * self._kpad, dtype=dtype, device=device)
+            self._work[key] = buf
+        return buf[: rows * self._kpad].view(rows, self._kpad)
 
     def _project_dense(self, g: Tensor, offset: int, out: Tensor) -> None:
         p = g.shape[1]
-        t0 = offset // self.tile
-        t1 = (offset + p - 1) // self.tile
-        itemsize = torch.empty((), dtype=g.dtype).element_size()
-        for t in range(t0, t1 + 1):
+        itemsize = g.element_size()
+        for t in range(offset // self.tile, (offset + p - 1) // self.tile + 1):
             j0 = max(offset, t * self.tile)
             j1 = min(offset + p, (t + 1) * self.tile)
             key = ("dense", j0, j1, g.device, g.dtype)
-            rt = self._cached(
-                key,
-                lambda j0=j0, j1=j1: self._dense_rows(j0, j1, g.device, g.dtype),
-                (j1 - j0) * self._kpad * itemsize,
-            )
-            out += _matmul(g[:, j0 - offset : j1 - offset], rt)
+            rt = self._cache.get(key)
+            if rt is None:
+                nbytes = (j1 - j0) * self._kpad * itemsize
+                if self._cache_bytes + nbytes <= self.memory_budget_bytes:
+                    rt = self._dense_rows(j0, j1, g.device, g.dtype)
+                    self._cache[key] = rt
+                    self._cache_bytes += nbytes
+                else:
+                    ws = self._workspace(j1 - j0, g.device, g.dtype)
+                    rt = self._dense_rows(j0, j1, g.device, g.dtype, out=ws)
+            _addmm_(out, g[:, j0 - offset : j1 - offset], rt)
 
     # sjlt --------------------------------------------------------------------------------------
 
@@ -621,9 +666,7 @@ class Projection:
                 local = torch.arange(j0 - t * big_t, j1 - t * big_t, device=g.device)
                 block = self._cached(
                     ("srht-block", t, j0, j1, g.device, g.dtype),
-                    lambda sel=sel, local=local: _parity_sign(sel[None, :] & local[:, None]).to(
-                        g.dtype
-                    ),
+                    lambda sel=sel, local=local: _parity_sign(sel[None, :] & local[:, None]).to(g.dtype),
                     width * self.dim * g.element_size(),
                 )
                 out += _matmul(x, block)
@@ -794,9 +837,7 @@ def output_probes(
             return torch.eye(c, dtype=dtype)
         if m == "pseudo":
             return torch.full((1, c), 1.0 / math.sqrt(c), dtype=dtype)
-        raise UnknownKindError(
-            f"Unknown probe spec {m!r}; use an integer 1..C, 'trace' or 'pseudo'."
-        )
+        raise UnknownKindError(f"Unknown probe spec {m!r}; use an integer 1..C, 'trace' or 'pseudo'.")
     m = _check_int("m (number of output probes)", m, minimum=1)
     if m > c:
         raise InputError(
@@ -896,9 +937,7 @@ def fidelity(
     else:
         kp, ke = kp.reshape(-1), ke.reshape(-1)
     if kp.numel() == 0:
-        raise InputError(
-            "no kernel entries to compare (need at least 2 x 2 for off-diagonal stats)."
-        )
+        raise InputError("no kernel entries to compare (need at least 2 x 2 for off-diagonal stats).")
     r = (kp - ke).abs()
     mean = float(r.mean())
     sample = r
