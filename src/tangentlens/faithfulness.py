@@ -1,0 +1,447 @@
+"""Faithfulness of a surrogate to its network: rank correlation, accuracy, error overlap, R².
+
+:func:`faithfulness` compares the network's and the surrogate's logits on the same test points;
+:func:`aggregate` summarizes results over independently trained models (seeds) as mean ± standard
+error; :func:`format_mean_se` writes the "0.809(9)" notation.
+
+Logit conventions (both arguments):
+
+* (n, C) logits with C >= 2: probabilities are ``softmax`` over the last axis;
+* (n,) or (n, 1) logits: a single-logit binary model (e.g. the reference's MLP ``784-...-1``),
+  read as the two-class logits ``[0, z]``, so ``p(class 1) = sigmoid(z)`` and the prediction is
+  ``z > 0``.
+
+Probabilities are computed in the floating dtype of each input (float32 logits give float32
+probabilities, which saturate to exactly 0 or 1 much earlier than float64 ones; pass float64 to
+avoid ties from saturation). To compare probabilities that are not a softmax of logits (e.g.
+Platt-scaled SVM probabilities or scikit-learn's one-vs-rest SGD probabilities) pass ``np.log(p)``:
+``softmax(log p) = p``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import stats
+from scipy.special import logsumexp, softmax
+
+from tangentlens.errors import InputError, UnknownKindError
+
+__all__ = [
+    "AggregateResult",
+    "FaithfulnessResult",
+    "MeanSE",
+    "aggregate",
+    "faithfulness",
+    "format_mean_se",
+    "misclassification_overlap",
+]
+
+TauMode = Literal["true_class", "class1", "logit"]
+_TAU_MODES = ("true_class", "class1", "logit")
+
+
+@dataclass(frozen=True)
+class FaithfulnessResult:
+    """Faithfulness metrics of one surrogate against one network on n test points.
+
+    Attributes:
+        tau: Kendall tau-b between network and surrogate confidence (see ``tau_mode``).
+        tau_p: Two-sided p-value of ``tau`` (``scipy.stats.kendalltau``).
+        tad: Test accuracy differential, ``surrogate_acc - network_acc`` (a fraction, not pp).
+        network_acc: Network accuracy (argmax of its logits vs ``labels``).
+        surrogate_acc: Surrogate accuracy.
+        gamma: Misclassification overlap ``|both wrong| / |either wrong|``; NaN when neither errs.
+        gamma_p: The reference's binomial p-value of ``gamma`` under independence (see
+            :func:`misclassification_overlap`); NaN when ``gamma`` is NaN.
+        gamma_p_fisher: One-sided exact (hypergeometric, Fisher) p-value of observing at least
+            ``|both wrong|`` common errors given the two error counts; NaN when ``gamma`` is NaN.
+        r2: Linearization R²: squared Pearson correlation (= R² of the least-squares line) between
+            the network's and the surrogate's *centered* logits ``z_c - mean_c z``, flattened over
+            points and classes. Centering removes softmax's per-point shift freedom; for two
+            classes it is the R² between the two log-odds. NaN if either side is constant.
+        n: Number of test points.
+        n_tau: Points used for tau (fewer than ``n`` with ``drop_saturated``).
+        network_errors: W, the number of network errors.
+        surrogate_errors: Omega, the number of surrogate errors.
+        both_errors: Points both get wrong.
+        tau_mode: The confidence used for tau.
+    """
+
+    tau: float
+    tau_p: float
+    tad: float
+    network_acc: float
+    surrogate_acc: float
+    gamma: float
+    gamma_p: float
+    gamma_p_fisher: float
+    r2: float
+    n: int
+    n_tau: int
+    network_errors: int
+    surrogate_errors: int
+    both_errors: int
+    tau_mode: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-python dict (floats, ints, str)."""
+        return asdict(self)
+
+
+def _as_logits(x: ArrayLike, name: str) -> np.ndarray:
+    """(n, C>=2) floating logits; single-logit binary inputs become ``[0, z]``."""
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()  # type: ignore[union-attr]
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu":
+        raise InputError(f"{name} must be a numeric array of logits, got dtype {a.dtype}.")
+    if a.dtype.kind != "f" or a.dtype == np.float16:
+        a = a.astype(np.float64)
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2:
+        raise InputError(f"{name} must be (n,) or (n, C) logits, got shape {a.shape}.")
+    if a.shape[0] == 0:
+        raise InputError(f"{name} is empty: pass the logits of at least two test points.")
+    if not np.all(np.isfinite(a)):
+        raise InputError(f"{name} contains NaN or inf values; pass finite logits.")
+    if a.shape[1] == 1:
+        a = np.concatenate([np.zeros_like(a), a], axis=1)
+    return a
+
+
+def misclassification_overlap(
+    network_wrong: ArrayLike, surrogate_wrong: ArrayLike
+) -> tuple[float, float, float]:
+    """Misclassification overlap Γ and its p-values under independence.
+
+    With W network errors, Ω surrogate errors, B common errors and N points:
+
+    * ``gamma = B / |either wrong|`` (NaN when nobody errs);
+    * ``gamma_p`` -- exactly the reference's test: ``P_both = Ω·W / N²`` and
+      ``p = 1 − BinomCDF(⌊W·Γ⌋; W, P_both)`` (``binom.cdf`` floors a non-integer argument),
+      computed as ``binom.sf`` so that tiny p-values do not round to 0. Edge cases: NaN when
+      ``gamma`` is NaN; 1.0 when ``W == 0`` or ``Ω == 0`` (no overlap is possible, so no evidence
+      of correlated errors, while the raw formula would give 0);
+    * ``gamma_p_fisher`` -- the exact one-sided test that conditions on W and Ω:
+      ``P(X >= B)`` for ``X ~ Hypergeometric(N, W, Ω)``; NaN when ``gamma`` is NaN.
+
+    Caveat on ``gamma_p``: under independence each of the W network errors is also a surrogate
+    error with probability Ω/N, not Ω·W/N², and the statistic ⌊W·Γ⌋ is not the count of common
+    errors. The reference's p-value therefore understates the chance overlap (it is much smaller
+    than the exact test's, and exactly 0 whenever the error sets coincide). It is kept to compare
+    with the published numbers; ``gamma_p_fisher`` is the statistically sound one.
+
+    Args:
+        network_wrong: (N,) booleans, True where the network errs.
+        surrogate_wrong: (N,) booleans, True where the surrogate errs.
+
+    Returns:
+        ``(gamma, gamma_p, gamma_p_fisher)``. Cost O(N).
+    """
+    a = np.asarray(network_wrong, dtype=bool).ravel()
+    b = np.asarray(surrogate_wrong, dtype=bool).ravel()
+    if a.shape != b.shape:
+        raise InputError(
+            f"network_wrong and surrogate_wrong must have the same length, got {a.size} and "
+            f"{b.size}."
+        )
+    N = a.size
+    W = int(a.sum())
+    Om = int(b.sum())
+    B = int(np.logical_and(a, b).sum())
+    U = int(np.logical_or(a, b).sum())
+    if U == 0:
+        return math.nan, math.nan, math.nan
+    gamma = B / U
+    if W == 0 or Om == 0:
+        return gamma, 1.0, 1.0
+    p_both = Om * W / N**2
+    gamma_p = float(stats.binom.sf(math.floor(W * gamma), W, p_both))
+    gamma_p_fisher = float(stats.hypergeom.sf(B - 1, N, W, Om))
+    return gamma, gamma_p, gamma_p_fisher
+
+
+def _confidence(Z: np.ndarray, labels: np.ndarray, mode: str) -> np.ndarray:
+    n, C = Z.shape
+    rows = np.arange(n)
+    if mode == "true_class":
+        return softmax(Z, axis=1)[rows, labels]
+    if mode == "class1":
+        return softmax(Z, axis=1)[:, 1]
+    # "logit": true-class log-odds z_y - logsumexp_{c != y} z_c, stable, never saturates
+    other = Z.copy()
+    other[rows, labels] = -np.inf
+    return Z[rows, labels] - logsumexp(other, axis=1)
+
+
+def _r2(a: np.ndarray, b: np.ndarray) -> float:
+    x = (a - a.mean(axis=1, keepdims=True)).ravel().astype(np.float64)
+    y = (b - b.mean(axis=1, keepdims=True)).ravel().astype(np.float64)
+    x = x - x.mean()
+    y = y - y.mean()
+    sxx = float(x @ x)
+    syy = float(y @ y)
+    if sxx == 0.0 or syy == 0.0:
+        return math.nan
+    return float((x @ y) ** 2 / (sxx * syy))
+
+
+def faithfulness(
+    network_logits: ArrayLike,
+    surrogate_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    tau_mode: TauMode = "true_class",
+    drop_saturated: bool = False,
+) -> FaithfulnessResult:
+    """Compare a surrogate with its network on the same test points.
+
+    Kendall τ-b (``scipy.stats.kendalltau``) is taken between the network's and the surrogate's
+    confidence per test point:
+
+    * ``"true_class"`` (default): softmax probability of the true class;
+    * ``"class1"``: probability of class 1 (binary models only) -- the reference's choice;
+    * ``"logit"``: true-class log-odds ``z_y − logsumexp_{c≠y} z_c`` (for two classes
+      ``z_y − z_other``; for a single-logit model ``±z``). Rank-equivalent to ``"true_class"`` in
+      exact arithmetic, but computed without ever saturating, so it has no float ties.
+
+    With ``drop_saturated=True`` (the reference's handling; probability modes only) points where
+    either model's τ probability is exactly 0.0 or 1.0 in its float dtype are dropped before τ.
+
+    Accuracy, TAD, Γ and R² always use all points. Predictions are the argmax of the logits
+    (``z > 0`` for single-logit models); labels are class positions ``0..C-1``.
+
+    Args:
+        network_logits: (n, C) or (n,) network logits (numpy or torch).
+        surrogate_logits: (n, C) or (n,) surrogate logits (e.g. ``KernelSurrogate.logits``).
+        labels: (n,) integer true labels in ``0..C-1``.
+        tau_mode: ``"true_class"``, ``"class1"`` or ``"logit"``.
+        drop_saturated: Drop saturated probabilities before τ.
+
+    Returns:
+        A :class:`FaithfulnessResult`. Cost: O(n log n) for τ, O(n C) otherwise.
+
+    Raises:
+        InputError: shapes or lengths disagree, labels out of range, non-finite logits,
+            ``"class1"`` on a model with more than two classes, fewer than 2 points left for τ.
+        UnknownKindError: unknown ``tau_mode``.
+    """
+    if tau_mode not in _TAU_MODES:
+        raise UnknownKindError(f"Unknown tau_mode {tau_mode!r}; use one of {_TAU_MODES}.")
+    Zn = _as_logits(network_logits, "network_logits")
+    Zs = _as_logits(surrogate_logits, "surrogate_logits")
+    if hasattr(labels, "detach"):
+        labels = labels.detach().cpu().numpy()  # type: ignore[union-attr]
+    y = np.asarray(labels)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise InputError(f"labels must be 1-D (n,), got shape {y.shape}.")
+    n = Zn.shape[0]
+    if Zs.shape[0] != n or y.shape[0] != n:
+        raise InputError(
+            f"network_logits, surrogate_logits and labels must cover the same test points: got "
+            f"{n}, {Zs.shape[0]} and {y.shape[0]} rows."
+        )
+    if Zn.shape[1] != Zs.shape[1]:
+        raise InputError(
+            f"network_logits has {Zn.shape[1]} classes and surrogate_logits {Zs.shape[1]} "
+            "(a single logit counts as two classes); pass logits over the same classes."
+        )
+    C = Zn.shape[1]
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise InputError("labels must be integer class positions 0..C-1.")
+        y = y.astype(np.int64)
+    if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= C:
+        raise InputError(
+            f"labels must be integer class positions in 0..{C - 1} (the logit columns); got "
+            f"values in [{y.min()}, {y.max()}]. Map labels with np.searchsorted(classes_, y)."
+        )
+    if tau_mode == "class1" and C != 2:
+        raise InputError(
+            f"tau_mode='class1' is for binary models, but the logits have {C} classes; use "
+            "tau_mode='true_class'."
+        )
+
+    an = _confidence(Zn, y, tau_mode)
+    as_ = _confidence(Zs, y, tau_mode)
+    keep = np.ones(n, dtype=bool)
+    if drop_saturated and tau_mode != "logit":
+        keep = (an > 0) & (an < 1) & (as_ > 0) & (as_ < 1)
+    n_tau = int(keep.sum())
+    if n_tau < 2:
+        raise InputError(
+            f"Only {n_tau} test points are left for Kendall tau (after dropping saturated "
+            "probabilities); pass more points, float64 logits or drop_saturated=False."
+        )
+    res = stats.kendalltau(an[keep], as_[keep], variant="b")
+    tau = float(res.statistic)
+    tau_p = float(res.pvalue)
+
+    pred_n = np.argmax(Zn, axis=1)
+    pred_s = np.argmax(Zs, axis=1)
+    wrong_n = pred_n != y
+    wrong_s = pred_s != y
+    net_acc = 1.0 - float(wrong_n.mean())
+    sur_acc = 1.0 - float(wrong_s.mean())
+    gamma, gamma_p, gamma_p_f = misclassification_overlap(wrong_n, wrong_s)
+    return FaithfulnessResult(
+        tau=tau,
+        tau_p=tau_p,
+        tad=sur_acc - net_acc,
+        network_acc=net_acc,
+        surrogate_acc=sur_acc,
+        gamma=float(gamma),
+        gamma_p=float(gamma_p),
+        gamma_p_fisher=float(gamma_p_f),
+        r2=_r2(Zn, Zs),
+        n=int(n),
+        n_tau=n_tau,
+        network_errors=int(wrong_n.sum()),
+        surrogate_errors=int(wrong_s.sum()),
+        both_errors=int(np.logical_and(wrong_n, wrong_s).sum()),
+        tau_mode=tau_mode,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation over seeds
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeanSE:
+    """Mean and standard error ``std(ddof=1)/sqrt(n)`` of one metric over ``n`` finite values."""
+
+    mean: float
+    se: float
+    n: int
+
+    def format(self) -> str:
+        """The "0.809(9)" notation (see :func:`format_mean_se`)."""
+        return format_mean_se(self.mean, self.se)
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-python dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """Per-metric :class:`MeanSE` over several :class:`FaithfulnessResult` (or dicts)."""
+
+    metrics: Mapping[str, MeanSE]
+    n_results: int
+
+    def __getitem__(self, name: str) -> MeanSE:
+        return self.metrics[name]
+
+    def formatted(self) -> dict[str, str]:
+        """``{metric: "0.809(9)"}``."""
+        return {k: v.format() for k, v in self.metrics.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"n_results": int, "metrics": {name: {"mean", "se", "n"}}}``, plain python."""
+        return {
+            "n_results": self.n_results,
+            "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
+        }
+
+
+_NUMERIC_FIELDS = tuple(
+    f.name for f in fields(FaithfulnessResult) if f.name not in ("tau_mode",)
+)
+
+
+def aggregate(results: Iterable[FaithfulnessResult | Mapping[str, Any]]) -> AggregateResult:
+    """Mean ± standard error of every numeric metric over independent models (seeds).
+
+    ``se = std(values, ddof=1) / sqrt(k)`` over the ``k`` finite values of a metric; NaN values
+    (e.g. ``gamma`` for a seed where neither model errs -- the reference skipped those seeds)
+    are left out and ``MeanSE.n`` says how many remained. With one value the SE is NaN.
+
+    Args:
+        results: :class:`FaithfulnessResult` objects or dicts of metric -> number.
+
+    Returns:
+        An :class:`AggregateResult`. Cost O(k * metrics).
+    """
+    rows = [r.to_dict() if isinstance(r, FaithfulnessResult) else dict(r) for r in results]
+    if not rows:
+        raise InputError("aggregate() needs at least one result.")
+    names: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k not in names and isinstance(v, (int, float, np.integer, np.floating)) and not (
+                isinstance(v, bool)
+            ):
+                names.append(k)
+    out: dict[str, MeanSE] = {}
+    for name in names:
+        vals = np.array([float(r[name]) for r in rows if name in r], dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        k = int(vals.size)
+        if k == 0:
+            out[name] = MeanSE(math.nan, math.nan, 0)
+            continue
+        se = float(np.std(vals, ddof=1) / math.sqrt(k)) if k > 1 else math.nan
+        out[name] = MeanSE(float(vals.mean()), se, k)
+    return AggregateResult(metrics=out, n_results=len(rows))
+
+
+def _round_half_up(x: float, decimals: int) -> Decimal:
+    q = Decimal(1).scaleb(-decimals)
+    return Decimal(repr(x)).quantize(q, rounding=ROUND_HALF_UP)
+
+
+def format_mean_se(mean: float, se: float) -> str:
+    """Write ``mean ± se`` as ``"0.809(9)"``: the SE to one significant digit, in units of the
+    mean's last shown digit.
+
+    The SE is rounded half-up to one significant digit (``0.0096 -> 0.01``), which fixes the
+    number of decimals ``d``; the mean is rounded half-up to ``d`` decimals. Examples:
+    ``(0.8093, 0.0091) -> "0.809(9)"``, ``(0.74, 0.012) -> "0.74(1)"``, ``(0.5, 0.1) -> "0.5(1)"``,
+    ``(0.8093, 0.0096) -> "0.81(1)"``, ``(123.4, 25) -> "120(30)"``. Degenerate inputs: a NaN mean
+    gives ``"nan"``; a NaN or infinite SE gives the mean to 3 significant digits; a zero SE gives
+    ``"<mean>(0)"`` with ``repr``-style digits.
+
+    Args:
+        mean: The mean.
+        se: Its standard error (>= 0).
+
+    Returns:
+        The formatted string.
+    """
+    if not math.isfinite(mean):
+        return str(mean)
+    if not math.isfinite(se):
+        return f"{mean:.3g}"
+    se = abs(se)
+    if se == 0:
+        return f"{mean!r}(0)"
+    d = -math.floor(math.log10(se))
+    digit = _round_half_up(se, d)
+    if digit == Decimal(1).scaleb(-d + 1):  # 0.0096 -> 0.010: one digit fewer
+        d -= 1
+        digit = _round_half_up(se, d)
+    m = _round_half_up(mean, d)
+    if m == 0:
+        m = abs(m)  # no "-0.00"
+    if d > 0:
+        unit = int(digit.scaleb(d))
+        return f"{m:.{d}f}({unit})"
+    # SE >= 1: integer mean, SE written in full
+    return f"{int(m)}({int(digit)})"
+

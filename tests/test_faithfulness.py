@@ -1,0 +1,272 @@
+"""Tests of tangentlens.faithfulness against scipy and hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose
+from scipy import stats
+from scipy.special import expit, softmax
+
+from tangentlens.errors import InputError, UnknownKindError
+from tangentlens.faithfulness import (
+    FaithfulnessResult,
+    MeanSE,
+    aggregate,
+    faithfulness,
+    format_mean_se,
+    misclassification_overlap,
+)
+
+
+@pytest.fixture()
+def multiclass():
+    rng = np.random.RandomState(0)
+    n, C = 200, 4
+    y = rng.randint(0, C, size=n)
+    Zn = rng.normal(size=(n, C)) * 2
+    Zn[np.arange(n), y] += 2.0
+    Zs = Zn + rng.normal(size=(n, C))
+    return Zn, Zs, y
+
+
+def test_tau_true_class_matches_scipy(multiclass):
+    Zn, Zs, y = multiclass
+    r = faithfulness(Zn, Zs, y)
+    rows = np.arange(len(y))
+    ref = stats.kendalltau(softmax(Zn, 1)[rows, y], softmax(Zs, 1)[rows, y])
+    assert r.tau == pytest.approx(ref.statistic, abs=1e-12)
+    assert r.tau_p == pytest.approx(ref.pvalue, rel=1e-9)
+    assert r.n == r.n_tau == len(y)
+    assert r.tau_mode == "true_class"
+
+
+def test_logit_mode_is_true_class_log_odds(multiclass):
+    Zn, Zs, y = multiclass
+    rows = np.arange(len(y))
+
+    def log_odds(Z):
+        p = softmax(Z, 1)[rows, y]
+        return np.log(p) - np.log1p(-p)
+
+    r = faithfulness(Zn, Zs, y, tau_mode="logit")
+    ref = stats.kendalltau(log_odds(Zn), log_odds(Zs)).statistic
+    assert r.tau == pytest.approx(ref, abs=1e-12)
+    # rank-equivalent to the true-class probability when nothing saturates
+    assert r.tau == pytest.approx(faithfulness(Zn, Zs, y).tau, abs=1e-12)
+
+
+def test_class1_mode_and_single_logit_networks():
+    rng = np.random.RandomState(1)
+    n = 120
+    y = rng.randint(0, 2, size=n)
+    z = rng.normal(size=n) * 3 + (2 * y - 1)  # single-logit binary network
+    d = z + rng.normal(size=n)  # a surrogate's decision values
+    Zs = np.stack([-d / 2, d / 2], 1)  # KernelSurrogate.logits convention
+    r = faithfulness(z, Zs, y, tau_mode="class1")
+    assert r.tau == pytest.approx(stats.kendalltau(expit(z), expit(d)).statistic, abs=1e-12)
+    # (n, 1) network logits and 2-column [0, z] logits are the same model
+    r2 = faithfulness(z[:, None], np.stack([np.zeros(n), d], 1), y, tau_mode="class1")
+    assert r2.tau == pytest.approx(r.tau, abs=1e-12)
+    # true-class probability differs from class-1 probability
+    rows = np.arange(n)
+    p_n = np.stack([1 - expit(z), expit(z)], 1)[rows, y]
+    p_s = np.stack([1 - expit(d), expit(d)], 1)[rows, y]
+    assert faithfulness(z, Zs, y).tau == pytest.approx(
+        stats.kendalltau(p_n, p_s).statistic, abs=1e-12
+    )
+    # accuracy of a single-logit model is z > 0
+    assert r.network_acc == pytest.approx(((z > 0).astype(int) == y).mean())
+    with pytest.raises(InputError, match="binary"):
+        faithfulness(np.zeros((5, 3)), np.zeros((5, 3)), np.zeros(5, int), tau_mode="class1")
+
+
+def test_drop_saturated_like_the_reference():
+    rng = np.random.RandomState(2)
+    n = 60
+    y = (np.arange(n) % 2).astype(int)
+    z = rng.normal(size=n).astype(np.float32) * 3
+    z[:10] = 40.0  # sigmoid(40) == 1.0 in float32 (and in float64)
+    z[10:15] = -120.0  # sigmoid(-120) == 0.0 in float32
+    d = (z.astype(np.float64) + rng.normal(size=n)).clip(-30, 30)
+    assert np.all(expit(z[:10]) == 1.0) and np.all(expit(z[10:15]) == 0.0)
+    r = faithfulness(z, d, y, tau_mode="class1", drop_saturated=True)
+    keep = np.ones(n, bool)
+    keep[:15] = False
+    ref = stats.kendalltau(expit(z[keep]), expit(d[keep])).statistic
+    assert r.n_tau == 45 and r.n == 60
+    assert r.tau == pytest.approx(ref, abs=1e-6)
+    full = faithfulness(z, d, y, tau_mode="class1")
+    assert full.n_tau == 60 and full.tau != pytest.approx(r.tau)
+    # float32 logits saturate where float64 ones do not
+    z32 = np.full(n, 20.0, np.float32)
+    z32[::2] = rng.normal(size=n // 2)
+    r32 = faithfulness(z32, d, y, tau_mode="class1", drop_saturated=True)
+    r64 = faithfulness(z32.astype(np.float64), d, y, tau_mode="class1", drop_saturated=True)
+    assert r32.n_tau < r64.n_tau
+
+
+def test_accuracy_tad_gamma_hand_computed():
+    # N = 10; network wrong on {0, 1, 2}; surrogate wrong on {1, 2, 3, 4}
+    y = np.zeros(10, int)
+    Zn = np.tile([2.0, 0.0], (10, 1))
+    Zs = Zn.copy()
+    Zn[[0, 1, 2]] = [0.0, 2.0]
+    Zs[[1, 2, 3, 4]] = [0.0, 2.0]
+    r = faithfulness(Zn, Zs, y)
+    assert r.network_acc == pytest.approx(0.7)
+    assert r.surrogate_acc == pytest.approx(0.6)
+    assert r.tad == pytest.approx(-0.1)
+    assert (r.network_errors, r.surrogate_errors, r.both_errors) == (3, 4, 2)
+    assert r.gamma == pytest.approx(2 / 5)
+    # reference: P_both = 4*3/100 = 0.12; p = 1 - BinomCDF(floor(3*0.4) = 1; 3, 0.12)
+    p_ref = 1 - (0.88**3 + 3 * 0.12 * 0.88**2)
+    assert p_ref == pytest.approx(0.039744)
+    assert r.gamma_p == pytest.approx(p_ref, rel=1e-12)
+    assert r.gamma_p == pytest.approx(1 - stats.binom.cdf(3 * 0.4, 3, 0.12), rel=1e-12)
+    # Fisher: P(X >= 2), X ~ Hypergeom(10, 3, 4) = (3*21 + 7)/210
+    assert r.gamma_p_fisher == pytest.approx(70 / 210, rel=1e-12)
+
+
+def test_overlap_edge_cases():
+    none = np.zeros(8, bool)
+    some = none.copy()
+    some[:2] = True
+    g, p, pf = misclassification_overlap(none, none)
+    assert math.isnan(g) and math.isnan(p) and math.isnan(pf)
+    assert misclassification_overlap(none, some) == (0.0, 1.0, 1.0)
+    assert misclassification_overlap(some, none) == (0.0, 1.0, 1.0)
+    g, p, pf = misclassification_overlap(some, some)
+    assert g == 1.0
+    assert p == pytest.approx(stats.binom.sf(2, 2, 4 / 64))  # = 0: P(X > 2) with 2 trials
+    assert pf == pytest.approx(1 / math.comb(8, 2))
+    with pytest.raises(InputError, match="same length"):
+        misclassification_overlap(none, some[:-1])
+
+
+def test_tiny_p_values_do_not_round_to_zero():
+    N = 2000
+    a = np.zeros(N, bool)
+    a[:40] = True
+    b = np.zeros(N, bool)
+    b[10:50] = True  # 30 common errors out of 50
+    g, p, pf = misclassification_overlap(a, b)
+    assert g == pytest.approx(0.6)
+    assert 0.0 < p < 1e-50 and 0.0 < pf < 1e-40
+    assert p < pf  # the reference's test is far less conservative than the exact one
+    assert p == pytest.approx(stats.binom.sf(24, 40, 40 * 40 / N**2), rel=1e-12)
+    # the reference's formula is P(X > floor(W * gamma)): identical error sets give exactly 0
+    assert misclassification_overlap(a, a)[1] == 0.0
+
+
+def test_r2_linearization(multiclass):
+    Zn, _, y = multiclass
+    shift = np.random.RandomState(3).normal(size=(len(y), 1))
+    r = faithfulness(Zn, 2.5 * Zn + shift, y)  # affine in the logits up to a per-row shift
+    assert r.r2 == pytest.approx(1.0, abs=1e-12)
+    Zs = Zn + np.random.RandomState(4).normal(size=Zn.shape)
+    a = (Zn - Zn.mean(1, keepdims=True)).ravel()
+    b = (Zs - Zs.mean(1, keepdims=True)).ravel()
+    lin = stats.linregress(b, a)
+    assert faithfulness(Zn, Zs, y).r2 == pytest.approx(lin.rvalue**2, abs=1e-12)
+    assert math.isnan(faithfulness(Zn, np.zeros_like(Zn), y).r2)
+
+
+def test_torch_inputs_and_to_dict(multiclass):
+    Zn, Zs, y = multiclass
+    r = faithfulness(torch.tensor(Zn), torch.tensor(Zs), torch.tensor(y))
+    assert r == faithfulness(Zn, Zs, y)
+    d = r.to_dict()
+    assert set(d) >= {"tau", "tau_p", "tad", "gamma", "gamma_p", "r2", "n", "network_acc"}
+    assert all(type(v) in (int, float, str) for v in d.values())
+    with pytest.raises(AttributeError):
+        r.tau = 0.0  # frozen
+
+
+def test_bad_inputs(multiclass):
+    Zn, Zs, y = multiclass
+    with pytest.raises(InputError, match="same test points"):
+        faithfulness(Zn, Zs[:-1], y)
+    with pytest.raises(InputError, match="same test points"):
+        faithfulness(Zn, Zs, y[:-1])
+    with pytest.raises(InputError, match="classes"):
+        faithfulness(Zn, Zs[:, :3], y)
+    with pytest.raises(InputError, match="0..3"):
+        faithfulness(Zn, Zs, y + 1)
+    bad = Zs.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        faithfulness(Zn, bad, y)
+    with pytest.raises(UnknownKindError, match="tau_mode"):
+        faithfulness(Zn, Zs, y, tau_mode="class0")
+    with pytest.raises(InputError, match="left for Kendall"):
+        faithfulness(np.full(4, 50.0), np.full(4, 50.0), np.ones(4, int), drop_saturated=True)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def test_aggregate_mean_and_standard_error(multiclass):
+    Zn, Zs, y = multiclass
+    rng = np.random.RandomState(5)
+    results = [faithfulness(Zn, Zs + rng.normal(size=Zs.shape), y) for _ in range(6)]
+    agg = aggregate(results)
+    taus = np.array([r.tau for r in results])
+    assert agg["tau"].mean == pytest.approx(taus.mean())
+    assert agg["tau"].se == pytest.approx(taus.std(ddof=1) / np.sqrt(6))
+    assert agg["tau"].n == 6 and agg.n_results == 6
+    assert isinstance(agg["tad"], MeanSE)
+    assert "tau_mode" not in agg.metrics
+    assert agg.formatted()["tau"] == format_mean_se(agg["tau"].mean, agg["tau"].se)
+    d = agg.to_dict()
+    assert d["metrics"]["tau"]["n"] == 6
+
+
+def test_aggregate_skips_nan_and_accepts_dicts():
+    rows = [{"gamma": 0.5, "tau": 0.8}, {"gamma": float("nan"), "tau": 0.9}, {"gamma": 0.7}]
+    agg = aggregate(rows)
+    assert agg["gamma"].n == 2 and agg["gamma"].mean == pytest.approx(0.6)
+    assert agg["gamma"].se == pytest.approx(np.std([0.5, 0.7], ddof=1) / np.sqrt(2))
+    assert agg["tau"].n == 2
+    one = aggregate([{"tau": 0.8}])
+    assert math.isnan(one["tau"].se) and str(one["tau"]) == "0.8"
+    with pytest.raises(InputError):
+        aggregate([])
+    assert isinstance(FaithfulnessResult, type)
+
+
+@pytest.mark.parametrize(
+    ("mean", "se", "text"),
+    [
+        (0.8093, 0.0091, "0.809(9)"),
+        (0.74, 0.012, "0.74(1)"),
+        (0.5, 0.1, "0.5(1)"),
+        (0.8093, 0.0096, "0.81(1)"),  # SE rounds up to the next decade
+        (0.857, 0.0004, "0.8570(4)"),
+        (0.72, 0.02, "0.72(2)"),
+        (0.5, 0.15, "0.5(2)"),  # half-up
+        (-0.0004, 0.01, "0.00(1)"),
+        (-0.021, 0.003, "-0.021(3)"),
+        (12.3, 1.2, "12(1)"),
+        (123.4, 25.0, "120(30)"),
+    ],
+)
+def test_format_mean_se(mean, se, text):
+    assert format_mean_se(mean, se) == text
+
+
+def test_format_mean_se_degenerate():
+    assert format_mean_se(float("nan"), 0.1) == "nan"
+    assert format_mean_se(0.8093, float("nan")) == "0.809"
+    assert format_mean_se(0.5, 0.0) == "0.5(0)"
+
+
+def test_se_of_reference_style_results_roundtrip():
+    vals = np.array([0.80, 0.82, 0.79, 0.83])
+    agg = aggregate([{"tau": v} for v in vals])
+    se = vals.std(ddof=1) / 2
+    assert_allclose([agg["tau"].mean, agg["tau"].se], [vals.mean(), se])
+    assert agg["tau"].format() == "0.810(9)"
