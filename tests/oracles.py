@@ -91,8 +91,17 @@ def cosine(K: Tensor, d1: Tensor, d2: Tensor) -> Tensor:
 
 def oracle_kernel(model: nn.Module, x1, x2=None, kind: str = "trntk", names=None, y1=None, y2=None):
     """Reference kernels from explicit Jacobians (float64)."""
-    J1 = jacobians(model, x1, names) if kind not in ("gradcos",) else None
-    J2 = (jacobians(model, x2, names) if x2 is not None else J1) if J1 is not None else None
+    if kind == "gradcos":
+        G1 = loss_grads(model, x1, y1, names)
+        G2 = loss_grads(model, x2, y2, names) if x2 is not None else G1
+        return cosine(G1 @ G2.T, (G1 * G1).sum(1), (G2 * G2).sum(1))
+    J1 = jacobians(model, x1, names)
+    J2 = jacobians(model, x2, names) if x2 is not None else J1
+    return kernel_from_jacobians(J1, J2, kind)
+
+
+def kernel_from_jacobians(J1: Tensor, J2: Tensor, kind: str) -> Tensor:
+    """eNTK, trNTK, trNTK0 or pNTK from Jacobians (N, C, P)."""
     if kind == "entk":
         return torch.einsum("icp,jdp->ijcd", J1, J2)
     if kind in ("trntk", "trntk0"):
@@ -106,8 +115,4 @@ def oracle_kernel(model: nn.Module, x1, x2=None, kind: str = "trntk", names=None
         C = J1.shape[1]
         s1, s2 = J1.sum(1), J2.sum(1)
         return s1 @ s2.T / C
-    if kind == "gradcos":
-        G1 = loss_grads(model, x1, y1, names)
-        G2 = loss_grads(model, x2, y2, names) if x2 is not None else G1
-        return cosine(G1 @ G2.T, (G1 * G1).sum(1), (G2 * G2).sum(1))
     raise ValueError(kind)

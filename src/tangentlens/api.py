@@ -20,7 +20,14 @@ from .capture import BlockCapture, DenseCap, GradientCapture
 from .errors import InputError, NonFiniteError
 from .gram import KindSpec, block_gram, block_sqnorms, cosine_normalize, kind_spec
 from .inputs import Batch, Source, batch_size_of, move_batch
-from .model import ParameterSpec, call_model, extract_logits, prepared, requiring_grad, select_parameters
+from .model import (
+    ParameterSpec,
+    call_model,
+    extract_logits,
+    prepared,
+    requiring_grad,
+    select_parameters,
+)
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
 
@@ -92,9 +99,9 @@ def make_probe_fn(spec: KindSpec, probes: int | Tensor | None, seed: int, predic
 def rademacher_probes(C: int, m: int, seed: int = 0) -> Tensor:
     """m random sign vectors over the C outputs, scaled by 1/√m (one-hot identity when m == C).
 
-    E[Σ_k (v_k·a)(v_k·b)] = a·b for Rademacher v_k / √m, so the sketched trace Σ_k ⟨v_k J, v_k J'⟩ is an unbiased
-    estimate of Tr(J J'ᵀ) (trNTK⁰); its variance falls like 1/m. With m == C the exact trace is returned
-    through one-hot probes.
+    E[Σ_k (v_k·a)(v_k·b)] = a·b for Rademacher v_k / √m, so the sketched trace Σ_k ⟨v_k J, v_k J'⟩ is an
+    unbiased estimate of Tr(J J'ᵀ) (trNTK⁰); its variance falls like 1/m. With m == C the exact trace is
+    returned through one-hot probes.
     """
     if not isinstance(m, int) or isinstance(m, bool) or m < 1:
         raise InputError(f"probes must be a positive integer number of output probes; got {m!r}.")
@@ -206,7 +213,9 @@ def _first_tensor(o: Any) -> Tensor:
         return o[0]
     if hasattr(o, "last_hidden_state"):
         return o.last_hidden_state
-    raise InputError(f"Cannot use the output of type {type(o).__name__} as an embedding; choose other modules.")
+    raise InputError(
+        f"Cannot use the output of type {type(o).__name__} as an embedding; choose other modules."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,7 +352,9 @@ def kernel(
     spec = _validate_common(kind, batch_size)
     norm = spec.normalize if normalize is None else bool(normalize)
     if probes is not None and (spec.full or spec.probes in ("loss", "none")):
-        raise InputError(f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}.")
+        raise InputError(
+            f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}."
+        )
     lab1, pred1 = _labels_mode(labels)
     lab2, pred2 = _labels_mode(other_labels)
     if spec.name == "gradcos" and other is not None and not pred1 and (
@@ -524,7 +535,9 @@ def iter_features(
     spec = _validate_common(kind, batch_size)
     norm = spec.normalize if normalize is None else bool(normalize)
     if probes is not None and (spec.full or spec.probes in ("loss", "none")):
-        raise InputError(f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}.")
+        raise InputError(
+            f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}."
+        )
     lab, pred = _labels_mode(labels)
     src = Source(inputs, batch_size, lab, "inputs")
     with prepared(model, device=device, dtype=dtype) as (work, dev, dt):

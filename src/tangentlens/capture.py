@@ -185,18 +185,20 @@ class DenseCap:
     grads: dict[str, Tensor]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
-    def _flat(self) -> Tensor:
-        gs = list(self.grads.values())
-        return gs[0] if len(gs) == 1 else torch.cat(gs, dim=2)
-
     def gram(self, other: DenseCap, full: bool) -> Tensor:
-        g1, g2 = self._flat(), other._flat()
-        B1, M, _ = g1.shape
-        B2 = g2.shape[0]
-        if full:
-            D = g1.reshape(B1 * M, -1) @ g2.reshape(B2 * M, -1).T
-            return D.reshape(B1, M, B2, M).permute(0, 2, 1, 3)
-        return g1.reshape(B1, -1) @ g2.reshape(B2, -1).T
+        out: Tensor | None = None
+        for n, g1 in self.grads.items():
+            g2 = other.grads[n]
+            B1, M, _ = g1.shape
+            B2 = g2.shape[0]
+            if full:
+                D = g1.reshape(B1 * M, -1) @ g2.reshape(B2 * M, -1).T
+                D = D.reshape(B1, M, B2, M).permute(0, 2, 1, 3)
+            else:
+                D = g1.reshape(B1, -1) @ g2.reshape(B2, -1).T
+            out = D if out is None else out + D
+        assert out is not None
+        return out
 
     def sqnorms(self) -> Tensor:
         return sum((g**2).sum(-1) for g in self.grads.values())  # type: ignore[return-value]
@@ -240,23 +242,24 @@ class _Rule:
         self.names = names  # role ("weight"/"bias") -> selected parameter name
         self.active = False
         self.records: list[Any] = []
-        self.grads: list[dict[int, Tensor]] = []
-        self.probe = 0
+        self.outs: list[Tensor] = []
+        self.grads: list[list[Tensor | None]] = []
         self.handle = module.register_forward_hook(self._hook)
 
     def remove(self) -> None:
         self.handle.remove()
 
     def reset(self) -> None:
-        self.records, self.grads = [], []
+        self.records, self.outs, self.grads = [], [], []
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
         if not self.active or not isinstance(out, Tensor) or not out.requires_grad:
-            return
+            return None
         self.records.append(self.record(args[0]))
-        slot: dict[int, Tensor] = {}
-        self.grads.append(slot)
-        out.register_hook(lambda g, slot=slot: slot.__setitem__(self.probe, g.detach()))
+        self.outs.append(out)
+        # Downstream code gets a copy, so an in-place op after this module (ReLU(inplace=True)) cannot
+        # change the tensor whose gradient we request.
+        return out.clone()
 
     def deltas(self, call: int, M: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """Output gradients of one call stacked over probes: (B, M, *out_shape).
@@ -264,11 +267,11 @@ class _Rule:
         Probes whose gradient never reached this module (the output does not depend on it) give zeros of
         ``shape``, the output's shape.
         """
-        slot = self.grads[call]
-        if slot:
-            shape = tuple(next(iter(slot.values())).shape)
+        got = [g for g in self.grads[call] if g is not None]
+        if got:
+            shape = tuple(got[0].shape)
         zero = like.new_zeros(shape)
-        return torch.stack([slot.get(m, zero) for m in range(M)], 1)
+        return torch.stack([zero if g is None else g for g in self.grads[call]], 1)
 
     def record(self, x: Tensor) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -282,6 +285,10 @@ class _Rule:
 
     def params(self) -> list[str]:
         return list(self.names.values())
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _materialize_is_cheaper(T: int, d_in: int, d_out: int, M: int) -> bool:
@@ -310,8 +317,8 @@ class LinearRule(_Rule):
             d = self.deltas(i, M, (B, T, dout), a)
             a_parts.append(a)
             d_parts.append(d.reshape(B, M, T, dout))
-        a = torch.cat(a_parts, 1)
-        d = torch.cat(d_parts, 2)
+        a = _cat(a_parts, 1)
+        d = _cat(d_parts, 2)
         w = self.module.weight  # type: ignore[union-attr]
         cap = OuterCap(self.group, a, d, self.names.get("weight"), self.names.get("bias"), tuple(w.shape))
         if _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M):
@@ -345,8 +352,8 @@ class ConvRule(_Rule):
             d = self.deltas(i, M, (B, cout, T), a)
             a_parts.append(a)
             d_parts.append(d.reshape(B, M, cout, T).transpose(2, 3))
-        a = torch.cat(a_parts, 1)
-        d = torch.cat(d_parts, 2)
+        a = _cat(a_parts, 1)
+        d = _cat(d_parts, 2)
         w = self.module.weight  # type: ignore[union-attr]
         cap = OuterCap(self.group, a, d, self.names.get("weight"), self.names.get("bias"), tuple(w.shape))
         if _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M):
@@ -374,8 +381,8 @@ class EmbeddingRule(_Rule):
             d_parts.append(d.reshape(B, M, T, d_model))
         return EmbeddingCap(
             self.group,
-            torch.cat(idx_parts, 1),
-            torch.cat(d_parts, 2),
+            _cat(idx_parts, 1),
+            _cat(d_parts, 2),
             self.names["weight"],
             m.num_embeddings,  # type: ignore[union-attr]
         )
@@ -480,7 +487,7 @@ class Fallback:
             res = torch.func.functional_call(self.model, p, args=(), kwargs=xb, strict=False)
         else:
             res = torch.func.functional_call(self.model, p, (xb,), strict=False)
-        return extract_logits(res)[0]
+        return extract_logits(res, check=False)[0]
 
     def __call__(self, x: Batch, V: Tensor) -> DenseCap:
         names = list(self.params)
@@ -633,24 +640,30 @@ class GradientCapture:
                 self._demote(silent, "These modules were never called through their forward()")
         V = self.probe_fn(logits.detach(), y)
         M = V.shape[1]
-        hooked = [self.params[n] for r in self.rules for n in r.params()]
-        hooked_names = [n for r in self.rules for n in r.params()]
-        check_grads: tuple[Tensor | None, ...] | None = None
-        if self.rules and logits.requires_grad:
+        outs = [o for r in self.rules for o in r.outs]
+        for r in self.rules:
+            r.grads = [[] for _ in r.outs]
+        if outs and logits.requires_grad:
+            # one batched backward per probe, straight to the module outputs (no weight gradients)
             for m in range(M):
+                gs = torch.autograd.grad(logits, outs, V[:, m], retain_graph=True, allow_unused=True)
+                k = 0
                 for r in self.rules:
-                    r.probe = m
-                gs = torch.autograd.grad(
-                    logits, hooked, V[:, m], retain_graph=m < M - 1, allow_unused=True
-                )
-                if m == 0:
-                    check_grads = gs
+                    for slot in r.grads:
+                        slot.append(None if gs[k] is None else gs[k].detach())
+                        k += 1
+        check: dict[str, Tensor] | None = None
+        if first and self.verify and outs and logits.requires_grad:
+            names = [n for r in self.rules for n in r.params()]
+            gs = torch.autograd.grad(logits, [self.params[n] for n in names], V[:, 0], allow_unused=True)
+            check = {n: (torch.zeros_like(self.params[n]) if g is None else g) for n, g in zip(names, gs)}
+        del outs
         caps: list[Cap] = [r.finalize(M) for r in self.rules]
         for r in self.rules:
             r.reset()
-        if first and self.verify and check_grads is not None:
+        if check is not None:
             self._checked = True
-            bad = self._verify(caps, dict(zip(hooked_names, check_grads)))
+            bad = self._verify(caps, check)
             if bad:
                 self._demote(bad, "Hook-based gradients disagree with autograd (a parameter used "
                              "outside its module, e.g. weight tying)")
@@ -660,23 +673,16 @@ class GradientCapture:
             if self._fallback is None:
                 self._fallback = Fallback(self.model, {n: self.params[n] for n in self.fallback_names})
             caps.append(self._fallback(x, V))
-        for c in caps:
-            for t in c.materialize().values() if isinstance(c, DenseCap) else [c.delta]:
-                if not torch.isfinite(t).all():
-                    raise NonFiniteError(
-                        f"NaN or infinite gradients in layer group {c.group!r}; check the model and inputs."
-                    )
         return BlockCapture(caps, B, logits.detach())
 
-    def _verify(self, caps: list[Cap], ref: dict[str, Tensor | None]) -> list[_Rule]:
+    def _verify(self, caps: list[Cap], ref: dict[str, Tensor]) -> list[_Rule]:
         bad: list[_Rule] = []
         dtype = next((v.dtype for v in ref.values() if v is not None), torch.float32)
         tol = 1e-8 if dtype == torch.float64 else 1e-3
         for rule, cap in zip(self.rules, caps):
             sums = cap.batch_sum(0)
             for n, s in sums.items():
-                r = ref.get(n)
-                r = torch.zeros_like(s) if r is None else r
+                r = ref[n]
                 scale = float(r.norm()) + float(s.norm()) + 1e-30
                 if float((s - r).norm()) > tol * scale:
                     bad.append(rule)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
@@ -23,7 +23,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from .errors import InputError
 
-Batch = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from .errors import InputError, ModelOutputError, ParameterSelectionError
 from .inputs import Batch
 
-ParameterSpec = Union[None, str, nn.Module, nn.Parameter, Iterable[Union[str, nn.Module, nn.Parameter]]]
+ParameterSpec = None | str | nn.Module | nn.Parameter | Iterable[str | nn.Module | nn.Parameter]
 
 
 def call_model(model: nn.Module, x: Batch) -> Any:
@@ -23,11 +23,12 @@ def call_model(model: nn.Module, x: Batch) -> Any:
     return model(x)
 
 
-def extract_logits(out: Any, batch: int | None = None) -> torch.Tensor:
+def extract_logits(out: Any, batch: int | None = None, check: bool = True) -> torch.Tensor:
     """Return the (B, C) logits of a model output.
 
     Tensors are taken as they are; tuples and lists give their first element; objects with a ``logits``
-    attribute or key (Hugging Face ``ModelOutput``) give that.
+    attribute or key (Hugging Face ``ModelOutput``) give that. ``check=False`` skips the data-dependent
+    probability check (needed inside ``torch.func`` transforms).
 
     Raises:
         ModelOutputError: the output is not a 2-D floating tensor with ``batch`` rows, or looks like
@@ -59,7 +60,7 @@ def extract_logits(out: Any, batch: int | None = None) -> torch.Tensor:
             f"The model returned {logits.shape[0]} rows for a batch of {batch} examples; "
             "it must return one row of logits per example."
         )
-    if logits.shape[1] > 1 and logits.shape[0] > 0:
+    if check and logits.shape[1] > 1 and logits.shape[0] > 0:
         with torch.no_grad():
             d = logits.detach()
             if bool(((d >= 0) & (d <= 1)).all()) and bool(
@@ -80,7 +81,8 @@ def select_parameters(model: nn.Module, spec: ParameterSpec) -> dict[str, nn.Par
     iterable of those.
 
     Raises:
-        ParameterSelectionError: a name, module or parameter does not belong to the model, or nothing is selected.
+        ParameterSelectionError: a name, module or parameter does not belong to the model, or nothing is
+            selected.
     """
     named = dict(model.named_parameters())
     if spec is None:
