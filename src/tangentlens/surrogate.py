@@ -690,7 +690,11 @@ class KernelSVMSurrogate(_KernelMachineMixin, ClassifierMixin, BaseEstimator):
             max_iter=self.max_iter,
             random_state=self.random_state,
         )
-        est.fit(K, y1, sample_weight=sample_weight)
+        with warnings.catch_warnings():
+            # scikit-learn 1.9 deprecates SVC(probability=True) (removal planned for 1.11); it is
+            # the reference's estimator, so we keep it and silence the notice.
+            warnings.filterwarnings("ignore", message=".*probability.*", category=FutureWarning)
+            est.fit(K, y1, sample_weight=sample_weight)
         self.estimator_ = est
         self.classes_ = est.classes_
         self.support_ = est.support_
