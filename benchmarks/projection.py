@@ -1,0 +1,489 @@
+"""Projection benchmark (issue 4): our sketches vs TRAK 0.3.2's ``BasicProjector``, in one process.
+
+For each model (the method's MNIST MLP 784-100-100-100-10, 99,710 parameters, and a 96,938-parameter
+CNN) it featurizes N examples for proj-pNTK, i.e. projects the per-example gradient of the sum of
+logits, and reports for every projection at equal K:
+
+- ``proj/s``: examples per second of the projection alone (gradients precomputed),
+- ``e2e/s``: examples per second including the per-example gradients (``torch.func.vmap(grad)``; the
+  Kronecker and two-stage rows instead use one batched forward/backward with hooks: no per-example
+  gradients are formed for Kronecker),
+- ``GF/s``: for dense kinds, ``2 N P K / time`` and its share of the machine's measured GEMM rate,
+- ``peak MB``: the largest increase of the process's resident memory during the projection
+  (sampled every 2 ms from /proc/self/statm; Python's tracemalloc does not see torch tensors),
+- residuals ``r`` = projected cosine - exact cosine over the off-diagonal entries of an
+  ``n_exact x n_exact`` train block (mean |r|, max |r|, the exponential-CDF constant ``a = K mean|r|``
+  of method.md, relative Frobenius error).
+
+Also reported: the GEMM rate, the batched forward+backward rate of the model (the ceiling for
+proj-pNTK featurization) and the ``vmap(grad)`` rate.
+
+Usage (installs TRAK: ``.venv/bin/pip install -r benchmarks/requirements.txt``)::
+
+    .venv/bin/python benchmarks/projection.py --n 1000 --k 2048          # full run (minutes)
+    .venv/bin/python benchmarks/projection.py --n 128 --n-exact 64 --k 256 --threads 1   # smoke
+
+Data: scikit-learn's bundled digits, upsampled to 28 x 28 (no download). Models: seeded, trained for
+``--train-steps`` SGD steps so gradients are not those of a random network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from tangentlens.sketch import Projection, cosine_gram, fidelity
+
+# --------------------------------------------------------------------------------------------------
+# models and data
+# --------------------------------------------------------------------------------------------------
+
+
+def mnist_mlp() -> nn.Module:
+    """The method's MLP 784-100-100-100-10 (99,710 parameters)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 100),
+        nn.ReLU(),
+        nn.Linear(100, 100),
+        nn.ReLU(),
+        nn.Linear(100, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+
+
+def mnist_cnn() -> nn.Module:
+    """conv5(1->16)-relu-pool-conv5(16->32)-relu-pool-fc(512->160)-relu-fc(160->10): 96,938 params."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(512, 160),
+        nn.ReLU(),
+        nn.Linear(160, 10),
+    )
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": mnist_mlp, "cnn": mnist_cnn}
+
+
+def digits_28(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``n`` digits images (1, 28, 28), standardized; repeats with small noise beyond 1,797."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    y = torch.tensor(d.target)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(x.shape[0], generator=gen).repeat(math.ceil(n / x.shape[0]))[:n]
+    x, y = x[idx], y[idx]
+    if n > len(d.images):
+        x = x + 0.05 * torch.randn(x.shape, generator=gen)
+    return (x - 0.2) / 0.3, y
+
+
+def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        i = torch.randint(0, x.shape[0], (64,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+    model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# measurement helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict[str, float]]:
+    """Samples RSS every 2 ms; yields a dict whose ``mb`` is the peak increase over the start."""
+    out: dict[str, float] = {"mb": 0.0}
+    base = _rss_bytes()
+    stop = threading.Event()
+    peak = [base]
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.002)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        th.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        out["mb"] = (peak[0] - base) / 2**20
+
+
+def gemm_gflops(reps: int = 3) -> float:
+    """Measured fp32 GEMM rate on a (1024 x 8192) @ (8192 x 2048) product."""
+    a = torch.randn(1024, 8192)
+    b = torch.randn(8192, 2048)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * 1024 * 8192 * 2048 * reps / (time.perf_counter() - t) / 1e9
+
+
+def batches(n: int, bs: int) -> list[tuple[int, int]]:
+    return [(i, min(n, i + bs)) for i in range(0, n, bs)]
+
+
+# --------------------------------------------------------------------------------------------------
+# gradients: per-example (torch.func) and hook captures (Kronecker / two-stage)
+# --------------------------------------------------------------------------------------------------
+
+
+def per_example_grads(model: nn.Module, x: Tensor) -> Tensor:
+    """``(n, P)`` gradients of the sum of logits (proj-pNTK), ``vmap(grad)``, parameters() order."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return functional_call(model, p, (xi[None],)).sum()
+
+    g = vmap(grad(f), in_dims=(None, 0))(params, x)
+    return torch.cat([g[k].reshape(x.shape[0], -1) for k in params], dim=1)
+
+
+@dataclass
+class LayerCapture:
+    module: nn.Module
+    a: Tensor | None = None  # (n, T, d_in)
+    delta: Tensor | None = None  # (n, T, d_out)
+    out: Tensor | None = field(default=None, repr=False)
+
+
+def capture(model: nn.Module, x: Tensor) -> list[LayerCapture]:
+    """One batched forward and one backward of the summed logits; per layer (a, delta).
+
+    Temporary stand-in for the engine's capture (tangentlens.capture): Linear and Conv2d (groups=1)
+    only, which covers both benchmark models.
+    """
+    caps: list[LayerCapture] = []
+    handles = []
+
+    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        c = LayerCapture(mod)
+        xin = inp[0].detach()
+        if isinstance(mod, nn.Conv2d):
+            patches = nn.functional.unfold(
+                xin, mod.kernel_size, mod.dilation, mod.padding, mod.stride
+            )  # (n, d_in, T)
+            c.a = patches.transpose(1, 2)
+        else:
+            c.a = xin[:, None, :]
+        out.retain_grad()
+        c.out = out
+        caps.append(c)
+
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            handles.append(m.register_forward_hook(hook))
+    try:
+        logits = model(x)
+        logits.sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    for c in caps:
+        assert c.out is not None and c.out.grad is not None
+        gout = c.out.grad
+        c.delta = gout.flatten(2).transpose(1, 2) if gout.dim() == 4 else gout[:, None, :]
+        c.out = None
+    model.zero_grad(set_to_none=True)
+    return caps
+
+
+def grads_from_capture(caps: list[LayerCapture]) -> Tensor:
+    """Two-stage route, stage 1: per-example gradients assembled from hooks (outer products summed
+    over positions), ``(n, P)`` in parameters() order (weight, then bias, per layer)."""
+    parts = []
+    for c in caps:
+        assert c.a is not None and c.delta is not None
+        w = torch.einsum("nto,nti->noi", c.delta, c.a)
+        parts.append(w.reshape(w.shape[0], -1))
+        if c.module.bias is not None:
+            parts.append(c.delta.sum(1))
+    return torch.cat(parts, dim=1)
+
+
+def kronecker_features(pr: Projection, caps: list[LayerCapture], total: int) -> Tensor:
+    """Kronecker sketch of every layer's weight gradient plus a flat sketch (into K) of all biases.
+
+    With ``pr.fold`` every part is summed into ``K`` coordinates; otherwise the per-layer Kronecker
+    features are concatenated, followed by the K-dim bias sketch."""
+    feats: list[Tensor] = []
+    offset = 0
+    summed: Tensor | None = None
+    for li, c in enumerate(caps):
+        assert c.a is not None and c.delta is not None
+        d_out, d_in = c.delta.shape[2], c.a.shape[2]
+        f = pr.project_kronecker(c.a, c.delta[:, None], f"layer{li}", d_in=d_in, d_out=d_out)[:, 0]
+        offset += d_in * d_out
+        if pr.fold:
+            summed = f if summed is None else summed + f
+        else:
+            feats.append(f)
+        if c.module.bias is not None:
+            b = pr.project(c.delta.sum(1), offset, total)
+            offset += d_out
+            summed = b if summed is None else summed + b
+    assert summed is not None
+    return summed if pr.fold else torch.cat([*feats, summed], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    feat_dim: int
+    proj_s: float  # seconds in projection
+    e2e_s: float  # seconds including gradients / capture
+    peak_mb: float
+    flops: float = 0.0
+    fid: dict[str, float] = field(default_factory=dict)
+
+
+def run_model(name: str, args: argparse.Namespace, gemm: float) -> dict[str, object]:
+    torch.manual_seed(args.seed)
+    model = MODELS[name]()
+    x, y = digits_28(args.n, args.seed)
+    train(model, x, y, args.train_steps, args.seed)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    P = sum(p.numel() for p in model.parameters())
+    K = args.k
+    spans = batches(args.n, args.batch)
+    print(f"\n== {name}: P = {P:,}, N = {args.n}, K = {K}, batch = {args.batch}", flush=True)
+
+    # batched forward + backward (the proj-pNTK ceiling)
+    t = time.perf_counter()
+    for i0, i1 in spans:
+        model(x[i0:i1]).sum().backward()
+    fwdbwd = args.n / (time.perf_counter() - t)
+    model.zero_grad(set_to_none=True)
+
+    # per-example gradients once (kept: N x P floats), timed
+    t = time.perf_counter()
+    grads = [per_example_grads(model, x[i0:i1]) for i0, i1 in spans]
+    t_grad = time.perf_counter() - t
+    g_all = torch.cat(grads)
+    exact = cosine_gram(g_all[: args.n_exact].double())
+    print(
+        f"batched fwd+bwd {fwdbwd:,.0f} ex/s | vmap(grad) {args.n / t_grad:,.0f} ex/s | "
+        f"GEMM {gemm:.0f} GFLOP/s",
+        flush=True,
+    )
+    del g_all
+
+    rows: list[Row] = []
+
+    def flat(label: str, project: Callable[[Tensor], Tensor], flops_per_ex: float = 0.0) -> None:
+        project(grads[0][: min(16, grads[0].shape[0])])  # warm-up (caches, lazy init)
+        outs = []
+        with peak_rss() as mem:
+            t0 = time.perf_counter()
+            for g in grads:
+                outs.append(project(g))
+            dt = time.perf_counter() - t0
+        feats = torch.cat(outs)
+        fid = fidelity(cosine_gram(feats[: args.n_exact].double()), exact, K)
+        rows.append(Row(label, feats.shape[1], dt, dt + t_grad, mem["mb"], flops_per_ex * args.n,
+                        _fid(fid)))  # fmt: skip
+        _print_row(rows[-1], args.n, gemm)
+
+    def ours(kind: str, **kw: object) -> Callable[[Tensor], Tensor]:
+        pr = Projection(K, kind, seed=args.seed, **kw)  # type: ignore[arg-type]
+        return lambda g: pr.project(g, 0, P)
+
+    budget = args.budget_mib * 2**20
+    selected = set(args.kinds.split(","))
+    if "trak" in selected and not args.no_trak:
+        try:
+            from trak.projectors import BasicProjector, ProjectionType
+
+            trak = BasicProjector(P, K, args.seed, ProjectionType.rademacher, torch.device("cpu"))
+            flat("TRAK BasicProjector", lambda g: trak.project(g, model_id=0), 2.0 * P * K)
+        except ImportError as exc:
+            print(f"TRAK not available ({exc}); pip install -r benchmarks/requirements.txt")
+    if "rademacher" in selected:
+        flat("rademacher (reference scale)", ours("rademacher", scale="reference",
+             memory_budget_bytes=budget), 2.0 * P * K)  # fmt: skip
+        flat("rademacher (cache 1 GiB)", ours("rademacher", memory_budget_bytes=2**30),
+             2.0 * P * K)  # fmt: skip
+    if "gaussian" in selected:
+        flat("gaussian", ours("gaussian", memory_budget_bytes=budget), 2.0 * P * K)
+    if "sjlt" in selected:
+        for s in (1, 2, 4):
+            flat(f"sjlt s={s}", ours("sjlt", s=s))
+    if "srht" in selected:
+        flat("srht", ours("srht"))
+    if "kronecker" in selected or "twostage" in selected:
+        structured(model, x, spans, P, K, exact, args, rows, gemm, selected)
+    return {
+        "model": name,
+        "P": P,
+        "N": args.n,
+        "K": K,
+        "batch": args.batch,
+        "fwd_bwd_ex_s": fwdbwd,
+        "vmap_grad_ex_s": args.n / t_grad,
+        "rows": [r.__dict__ for r in rows],
+    }
+
+
+def structured(
+    model: nn.Module,
+    x: Tensor,
+    spans: list[tuple[int, int]],
+    P: int,
+    K: int,
+    exact: Tensor,
+    args: argparse.Namespace,
+    rows: list[Row],
+    gemm: float,
+    selected: set[str],
+) -> None:
+    """Hook-based routes: no vmap; one batched forward/backward per batch."""
+
+    def run(label: str, featurize: Callable[[list[LayerCapture]], Tensor]) -> None:
+        featurize(capture(model, x[:16]))  # warm-up
+        outs = []
+        t_cap = t_proj = 0.0
+        with peak_rss() as mem:
+            for i0, i1 in spans:
+                t0 = time.perf_counter()
+                caps = capture(model, x[i0:i1])
+                t1 = time.perf_counter()
+                outs.append(featurize(caps))
+                t2 = time.perf_counter()
+                t_cap += t1 - t0
+                t_proj += t2 - t1
+        feats = torch.cat(outs)
+        fid = fidelity(cosine_gram(feats[: args.n_exact].double()), exact, feats.shape[1])
+        rows.append(Row(label, feats.shape[1], t_proj, t_cap + t_proj, mem["mb"], 0.0, _fid(fid)))
+        _print_row(rows[-1], args.n, gemm)
+
+    if "kronecker" in selected:
+        for kd in (K, 4 * K):
+            pr = Projection(K, "kronecker", seed=args.seed, kron_dim=kd, fold=False)
+            run(f"kronecker concat (k_in*k_out<={kd})", lambda c, pr=pr: kronecker_features(pr, c, P))
+        for kd in (4 * K, 16 * K):
+            pr = Projection(K, "kronecker", seed=args.seed, kron_dim=kd, fold=True)
+            run(f"kronecker {kd}/layer -> fold K", lambda c, pr=pr: kronecker_features(pr, c, P))
+    if "twostage" in selected:
+        for kind, kw in (("sjlt", {"s": 1}), ("sjlt", {"s": 2}), ("rademacher", {})):
+            pr = Projection(K, kind, seed=args.seed, memory_budget_bytes=2**30, **kw)  # type: ignore[arg-type]
+            label = f"hooks->grads->{kind}" + (f" s={kw['s']}" if kw else "")
+            run(label, lambda c, pr=pr: pr.project(grads_from_capture(c), 0, P))
+
+
+def _fid(f: object) -> dict[str, float]:
+    d = f.to_dict()  # type: ignore[attr-defined]
+    return {k: d[k] for k in ("mean_abs", "max_abs", "exp_cdf_a", "rel_frobenius")}
+
+
+_HEADER = (
+    f"{'projection':38s} {'dim':>6s} {'proj/s':>9s} {'e2e/s':>8s} {'GF/s':>6s} {'%GEMM':>6s} "
+    f"{'peakMB':>7s} {'mean|r|':>8s} {'max|r|':>7s} {'a':>7s} {'relF':>7s}"
+)
+
+
+def _print_row(r: Row, n: int, gemm: float) -> None:
+    gf = r.flops / r.proj_s / 1e9 if r.flops else float("nan")
+    print(
+        f"{r.name:38s} {r.feat_dim:6d} {n / r.proj_s:9,.0f} {n / r.e2e_s:8,.0f} {gf:6.1f} "
+        f"{100 * gf / gemm:6.1f} {r.peak_mb:7.1f} {r.fid['mean_abs']:8.5f} {r.fid['max_abs']:7.4f} "
+        f"{r.fid['exp_cdf_a']:7.1f} {r.fid['rel_frobenius']:7.4f}",
+        flush=True,
+    )
+
+
+def summarize(res: dict[str, object]) -> None:
+    rows = res["rows"]
+    assert isinstance(rows, list)
+    by = {r["name"]: r for r in rows}
+    trak = by.get("TRAK BasicProjector")
+    print(f"\n-- {res['model']} summary (ratios vs TRAK BasicProjector, projection only / end-to-end)")
+    dense = by.get("rademacher (reference scale)")
+    for r in rows:
+        line = f"{r['name']:38s}"
+        if trak:
+            line += f" x{trak['proj_s'] / r['proj_s']:7.1f} proj  x{trak['e2e_s'] / r['e2e_s']:6.1f} e2e"
+        if dense:
+            line += f"  residual/dense {r['fid']['mean_abs'] / dense['fid']['mean_abs']:5.2f}"
+        line += f"  e2e/fwd+bwd {res['N'] / r['e2e_s'] / res['fwd_bwd_ex_s']:6.3f}"
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--kinds", default="trak,rademacher,gaussian,sjlt,srht,kronecker,twostage")
+    ap.add_argument("--n", type=int, default=1000, help="examples featurized")
+    ap.add_argument("--n-exact", type=int, default=300, help="examples in the exact-kernel block")
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--budget-mib", type=int, default=256, help="Projection memory budget")
+    ap.add_argument("--train-steps", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-trak", action="store_true")
+    ap.add_argument("--json", default="", help="write all numbers to this file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.n_exact = min(args.n_exact, args.n)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {sys.version.split()[0]}")
+    gemm = gemm_gflops()
+    print(_HEADER)
+    results = [run_model(m, args, gemm) for m in args.models.split(",")]
+    for res in results:
+        summarize(res)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nGEMM {gemm:.1f} GFLOP/s; process max RSS {maxrss:.0f} MB")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"gemm_gflops": gemm, "results": results}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
