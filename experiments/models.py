@@ -1,0 +1,316 @@
+"""Reference architectures and training recipes of the method's small binary experiments.
+
+Transcribed from the method's public code, ``pnnl/projection_ntk``,
+``scripts/smallmodeltrain/Analyze_multiple_NTK_{MLP_MNIST2,CNN_MNIST2,CNN_FMNIST2}.py``:
+
+* every ``nn.Linear`` / ``nn.Conv2d`` weight and bias is drawn from N(0, 1) ("NTK parameterization");
+  the width scaling is applied in ``forward`` (activations divided by sqrt(width) after each layer);
+* one output logit (C = 1); the network's class-1 probability is ``sigmoid(f(x))``;
+* MNIST2 (MLP and CNN): plain SGD, lr 1e-3, batch 4, shuffled, 100 epochs, loss
+  ``MSE(sigmoid(f(x)), y)``;
+* FMNIST2 CNN: Adam, lr 1e-3, batch 4, *not* shuffled, 200 epochs, loss ``MSE(f(x) - f_0(x), y)``
+  with ``f_0`` the frozen network at initialisation (a "centered" model); predictions and confidences
+  are nevertheless read from the uncentered ``sigmoid(f(x))``, as the reference does.
+
+The training here is vectorized over seeds: a group of models (one per seed, each initialised exactly as
+``torch.manual_seed(seed); Model(); ntk_normal_init``) is stacked with ``torch.func.stack_module_state``
+and trained together with ``vmap``; each model draws its own mini-batch order from
+``torch.Generator().manual_seed(seed)``. SGD and Adam act element-wise, so one optimizer over the
+stacked tensors equals one optimizer per model. Results are deterministic for a fixed group of seeds on
+a given machine (float summation order can depend on the group size).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+__all__ = [
+    "ReferenceMLP",
+    "ReferenceCNN",
+    "ntk_normal_init",
+    "Recipe",
+    "SETTINGS",
+    "Setting",
+    "make_model",
+    "train_group",
+    "predict_logits",
+]
+
+
+def ntk_normal_init(module: nn.Module) -> None:
+    """Draw every Linear/Conv2d weight and bias from N(0, 1), in module order (the reference's init)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight)
+            if m.bias is not None:
+                nn.init.normal_(m.bias)
+
+
+class ReferenceMLP(nn.Module):
+    """MLP 784-100-100-100-1 with NTK scaling: ``f = l4(relu(l3(relu(l2(relu(l1(x)/10))/10))/10))``.
+
+    (The reference divides the first layer by sqrt(100), not sqrt(784); kept as is.)
+    Parameters: 98,801.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(784, 100)
+        self.l2 = nn.Linear(100, 100)
+        self.l3 = nn.Linear(100, 100)
+        self.l4 = nn.Linear(100, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 28, 28) or (B, 784) -> (B, 1) logits."""
+        y = x.reshape(x.shape[0], -1)
+        y = F.relu(self.l1(y) / 10.0)
+        y = F.relu(self.l2(y) / 10.0)
+        y = F.relu(self.l3(y) / 10.0)
+        return self.l4(y)
+
+
+class ReferenceCNN(nn.Module):
+    """The reference CNN (WIDTH = 8) for 28x28 grey images, one logit.
+
+    conv3x3(1->64) relu /sqrt(576) -> avgpool2 relu -> conv3x3(64->32) relu /sqrt(288) -> avgpool2 relu
+    -> conv3x3(32->8) relu /sqrt(72) -> avgpool2 relu -> flatten(72) -> fc(72->128) relu /sqrt(128)
+    -> fc(128->64) relu /sqrt(64) -> fc(64->1). Parameters: 39,081.
+    """
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.width = width
+        self.conv1 = nn.Conv2d(1, 8 * width, 3, padding=1)
+        self.conv3 = nn.Conv2d(8 * width, 4 * width, 3, padding=1)
+        self.conv5 = nn.Conv2d(4 * width, width, 3, padding=1)
+        self.fc1 = nn.Linear(width * 3 * 3, 128)
+        self.fc2 = nn.Linear(128, 64)
+        self.fc3 = nn.Linear(64, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, 64) feeding ``fc3`` (the conjugate-kernel features)."""
+        w = self.width
+        y = F.relu(self.conv1(x)) / math.sqrt(8 * w * 9)
+        y = F.relu(F.avg_pool2d(y, 2))
+        y = F.relu(self.conv3(y)) / math.sqrt(4 * w * 9)
+        y = F.relu(F.avg_pool2d(y, 2))
+        y = F.relu(self.conv5(y)) / math.sqrt(w * 9)
+        y = F.relu(F.avg_pool2d(y, 2))
+        y = y.reshape(y.shape[0], -1)
+        y = F.relu(self.fc1(y)) / math.sqrt(128)
+        return F.relu(self.fc2(y)) / math.sqrt(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 28, 28) -> (B, 1) logits."""
+        return self.fc3(self.features(x))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe.
+
+    Attributes:
+        optimizer: ``"sgd"`` (plain, no momentum) or ``"adam"`` (torch defaults).
+        lr: learning rate.
+        epochs: passes over the training set.
+        batch_size: examples per step (per model).
+        shuffle: reshuffle every epoch (seeded per model) or keep file order.
+        loss: ``"mse_sigmoid"``: mean (sigmoid(f) - y)^2; ``"mse_centered"``: mean (f - f_0 - y)^2.
+    """
+
+    optimizer: str
+    lr: float
+    epochs: int
+    batch_size: int
+    shuffle: bool
+    loss: str
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One experiment setting: data set, architecture, recipe and the reference's numbers."""
+
+    data: str
+    arch: str
+    recipe: Recipe
+    ref_tau: float
+    ref_nn_acc: float
+    ref_kglm_acc: float
+
+
+_SGD100 = Recipe("sgd", 1e-3, 100, 4, True, "mse_sigmoid")
+SETTINGS: dict[str, Setting] = {
+    "mnist2-mlp": Setting("mnist2", "mlp", _SGD100, 0.708, 0.9964, 0.9967),
+    "mnist2-cnn": Setting("mnist2", "cnn", _SGD100, 0.857, 0.9838, 0.9815),
+    "fmnist2-cnn": Setting(
+        "fmnist2", "cnn", Recipe("adam", 1e-3, 200, 4, False, "mse_centered"), 0.882, 0.9795, 0.9567
+    ),
+}
+
+_ARCHS: dict[str, Callable[[], nn.Module]] = {"mlp": ReferenceMLP, "cnn": ReferenceCNN}
+
+
+def make_model(arch: str, seed: int) -> nn.Module:
+    """Build and initialise one reference model: ``torch.manual_seed(seed)``, construct, N(0, 1) init."""
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(_ARCHS)}")
+    torch.manual_seed(seed)
+    model = _ARCHS[arch]()
+    ntk_normal_init(model)
+    return model
+
+
+def _mlp_stacked(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+    """ReferenceMLP forward on stacked, *transposed* parameters: (S, B, ...) -> (S, B, 1).
+
+    ``p[name + ".weight"]`` is (S, in, out) and ``p[name + ".bias"]`` (S, 1, out), so the batched
+    matmuls need no transposed copies (the training loop is memory-bound on the weights).
+    """
+    y = xb.reshape(xb.shape[0], xb.shape[1], -1)
+    for name in ("l1", "l2", "l3"):
+        y = torch.relu(torch.baddbmm(p[f"{name}.bias"], y, p[f"{name}.weight"]) / 10.0)
+    return torch.baddbmm(p["l4.bias"], y, p["l4.weight"])
+
+
+def _to_mlp_layout(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.mT.contiguous() if k.endswith("weight") else v[:, None, :].contiguous()) for k, v in p.items()
+    }
+
+
+def _from_mlp_layout(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.mT if k.endswith("weight") else v[:, 0, :]) for k, v in p.items()}
+
+
+def train_group(
+    arch: str,
+    seeds: Sequence[int],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: Recipe,
+    *,
+    epochs: int | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[int, Callable[[torch.Tensor], torch.Tensor]], None] | None = None,
+) -> tuple[list[nn.Module], dict[str, float]]:
+    """Train one model per seed, vectorized over the seeds.
+
+    Args:
+        arch: ``"mlp"`` or ``"cnn"``.
+        seeds: one model per seed.
+        x: float32 inputs (N, 1, 28, 28).
+        y: labels (N,), 0/1.
+        recipe: the training recipe.
+        epochs: override ``recipe.epochs`` (CPU budget); the override is recorded by the caller.
+        progress: print one line per epoch.
+        on_epoch: called after every epoch with (epoch, predict) where ``predict(x)`` returns the
+            current (S, N) logits of all models (no gradients), e.g. to log test accuracy.
+
+    Returns:
+        The trained models (eval mode, CPU) and ``{"train_seconds": ..., "final_loss": ...}``.
+
+    Cost: ``epochs * N / batch_size`` optimizer steps, each a forward and backward of
+    ``len(seeds) * batch_size`` examples.
+    """
+    rec = replace(recipe, epochs=epochs) if epochs is not None else recipe
+    models = [make_model(arch, s) for s in seeds]
+    init = [copy.deepcopy(m) for m in models]
+    params, buffers = stack_module_state(models)
+    params = {k: v.detach().clone() for k, v in params.items()}
+    if arch == "mlp":
+        params = _to_mlp_layout(params)
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def f(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+        return functional_call(base, (p, b), (xb,))
+
+    vf = _mlp_stacked if arch == "mlp" else torch.vmap(f)
+    if rec.loss == "mse_centered":
+        p0, b0 = stack_module_state(init)
+        p0 = {k: v.detach() for k, v in p0.items()}
+        if arch == "mlp":
+            p0 = _to_mlp_layout(p0)
+    elif rec.loss != "mse_sigmoid":
+        raise ValueError(f"unknown loss {rec.loss!r}")
+    if rec.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(list(params.values()), lr=rec.lr)
+    elif rec.optimizer == "adam":
+        opt = torch.optim.Adam(list(params.values()), lr=rec.lr)
+    else:
+        raise ValueError(f"unknown optimizer {rec.optimizer!r}")
+
+    n = x.shape[0]
+    s_count = len(seeds)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    yf = y.to(torch.float32)
+    t0 = time.perf_counter()
+    last = float("nan")
+    for ep in range(rec.epochs):
+        if rec.shuffle:
+            order = torch.stack([torch.randperm(n, generator=g) for g in gens])  # (S, N)
+        else:
+            order = torch.arange(n).expand(s_count, n)
+        tot = 0.0
+        steps = 0
+        for start in range(0, n, rec.batch_size):
+            idx = order[:, start : start + rec.batch_size]  # (S, B)
+            xb = x[idx]  # (S, B, ...)
+            yb = yf[idx]
+            out = vf(params, buffers, xb)[..., 0]  # (S, B)
+            if rec.loss == "mse_sigmoid":
+                per_model = ((torch.sigmoid(out) - yb) ** 2).mean(dim=1)
+            else:
+                with torch.no_grad():
+                    out0 = vf(p0, b0, xb)[..., 0]
+                per_model = ((out - out0 - yb) ** 2).mean(dim=1)
+            opt.zero_grad(set_to_none=True)
+            per_model.sum().backward()
+            opt.step()
+            tot += float(per_model.detach().mean())
+            steps += 1
+        last = tot / max(steps, 1)
+        if on_epoch is not None:
+
+            def predict(xe: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    xs = xe.unsqueeze(0).expand(s_count, *xe.shape)
+                    return vf(params, buffers, xs)[..., 0]
+
+            on_epoch(ep + 1, predict)
+        if progress:
+            el = time.perf_counter() - t0
+            print(
+                f"  [{arch} seeds {seeds[0]}..{seeds[-1]}] epoch {ep + 1}/{rec.epochs} "
+                f"loss {last:.4g} ({el:.0f}s)",
+                flush=True,
+            )
+    train_s = time.perf_counter() - t0
+    final = {k: v.detach() for k, v in params.items()}
+    if arch == "mlp":
+        final = _from_mlp_layout(final)
+    out_models = []
+    for i, m in enumerate(models):
+        m.load_state_dict({k: v[i].clone() for k, v in final.items()}, strict=False)
+        m.eval()
+        out_models.append(m)
+    return out_models, {"train_seconds": train_s, "final_loss": last, "epochs": float(rec.epochs)}
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    """Eval-mode logits (N,) of a one-logit model, in batches, without gradients."""
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            outs.append(model(x[i : i + batch_size])[:, 0])
+    return torch.cat(outs)

@@ -1,0 +1,302 @@
+"""The method's faithfulness protocol on MNIST2 / FMNIST2 (reference architectures, exact trNTK).
+
+For every seed: train the reference model (``experiments/models.py``), compute the exact trace NTK
+(train x train and test x train, float32) with :func:`tangentlens.api.kernel`, fit
+
+* the kGLM with the reference settings (``KernelSurrogate(solver="sgd", alpha=1e-4,
+  class_weight="balanced", random_state=seed)`` = scikit-learn ``SGDClassifier(loss="log_loss",
+  penalty="l2", ...)``) on the true training labels,
+* the kernel SVM baseline ``SVC(kernel="precomputed", probability=True, random_state=seed)``,
+* a distilled kGLM (``KernelSurrogate(solver="lbfgs", alpha=1e-4, class_weight=None)``) on the
+  network's soft outputs ``[1 - sigmoid(f), sigmoid(f)]`` at the training points,
+
+and score each with :func:`tangentlens.faithfulness.faithfulness` in the reference mode (Kendall τ-b on
+the class-1 probability, saturated float32 probabilities dropped) plus the true-class τ, TAD, the
+misclassification overlap Γ and its binomial p-value. One JSON per seed (``seed_0007.json``) makes runs
+resumable: seeds with a result are skipped. The summary (mean ± standard error over seeds, beside the
+reference's numbers) is printed and written to ``summary.md`` / ``summary.json``.
+
+Usage::
+
+    python experiments/protocol.py --setting mnist2-mlp --seeds 20 --out experiments/out/mnist2-mlp
+
+``--epochs`` overrides the reference epochs (the CPU budget); the override is recorded in
+``config.json`` and the summary, and a run refuses to mix results of different configurations.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Single-threaded BLAS: on a shared 2-core machine OpenBLAS's spinning threads made the L-BFGS fit 10x
+# slower. Torch threads are set with --threads.
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import SETTINGS, predict_logits, train_group  # noqa: E402
+from tangentlens.api import kernel  # noqa: E402
+from tangentlens.datasets.idx import load_idx_pair  # noqa: E402
+from tangentlens.datasets.splits import REFERENCE_SIZES, binary_split  # noqa: E402
+from tangentlens.faithfulness import (  # noqa: E402
+    aggregate,
+    faithfulness,
+    format_mean_se,
+    misclassification_overlap,
+)
+from tangentlens.surrogate import KernelSurrogate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIRS = {"mnist2": "mnist", "fmnist2": "fashion-mnist"}
+
+
+def load_split(data: str, data_root: Path, n_train: int | None, n_test: int | None):
+    """The MNIST2 / FMNIST2 split (optionally with fewer examples per class, for development)."""
+    ref_tr, ref_te = REFERENCE_SIZES[data]
+    d = data_root / DATA_DIRS[data]
+    xtr, ytr = load_idx_pair(d, "train")
+    xte, yte = load_idx_pair(d, "test")
+    return binary_split(
+        xtr, ytr, (0, 1), n_train or ref_tr, n_test or ref_te, test_images=xte, test_labels=yte
+    )
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-300, 1.0)
+    q = np.clip(1.0 - p, 1e-300, 1.0)
+    return np.log(p) - np.log(q)
+
+
+def _scores(nn_test: np.ndarray, sur_logit: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    ref = faithfulness(nn_test, sur_logit, y, tau_mode="class1", drop_saturated=True).to_dict()
+    tru = faithfulness(nn_test, sur_logit, y, tau_mode="logit")
+    out = {k: v for k, v in ref.items() if k != "tau_mode"}
+    out["tau_logit"] = tru.tau
+    return out
+
+
+def run_seed(
+    model: torch.nn.Module,
+    seed: int,
+    split: Any,
+    *,
+    ksvm: bool,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Kernels, surrogates and metrics of one trained model."""
+    xtr = torch.from_numpy(split.x_train)
+    xte = torch.from_numpy(split.x_test)
+    ytr, yte = split.y_train, split.y_test
+    rec: dict[str, Any] = {"seed": seed}
+    t = {}
+
+    nn_train = predict_logits(model, xtr).numpy().astype(np.float32)
+    nn_test = predict_logits(model, xte).numpy().astype(np.float32)
+    rec["nn_train_acc"] = float(((nn_train > 0) == ytr).mean())
+    rec["nn_test_acc"] = float(((nn_test > 0) == yte).mean())
+    rec["nn_test_saturated"] = float(np.mean(np.isin(1 / (1 + np.exp(-nn_test)), (0.0, 1.0))))
+
+    t0 = time.perf_counter()
+    K_tr = kernel(model, xtr, kind="trntk", batch_size=batch_size).numpy()
+    t["kernel_train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    K_te = kernel(model, xte, xtr, kind="trntk", batch_size=batch_size).numpy()
+    t["kernel_test"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    kglm = KernelSurrogate(solver="sgd", alpha=1e-4, class_weight="balanced", random_state=seed)
+    kglm.fit(K_tr, ytr)
+    z_kglm = kglm.decision_function(K_te)
+    t["kglm"] = time.perf_counter() - t0
+    rec["kglm"] = _scores(nn_test, z_kglm, yte)
+    rec["kglm"]["train_acc"] = float(kglm.score(K_tr, ytr))
+
+    t0 = time.perf_counter()
+    p_tr = 1.0 / (1.0 + np.exp(-nn_train.astype(np.float64)))
+    soft = np.stack([1.0 - p_tr, p_tr], axis=1)
+    dist = KernelSurrogate(solver="lbfgs", alpha=1e-4, class_weight=None)
+    dist.fit(K_tr, soft)
+    z_dist = dist.decision_function(K_te)
+    t["distilled"] = time.perf_counter() - t0
+    rec["distilled"] = _scores(nn_test, z_dist, yte)
+
+    if ksvm:
+        from sklearn.svm import SVC
+
+        t0 = time.perf_counter()
+        svm = SVC(kernel="precomputed", probability=True, random_state=seed)
+        svm.fit(K_tr.astype(np.float64), ytr)
+        p_svm = svm.predict_proba(K_te.astype(np.float64))[:, 1]
+        pred_svm = svm.predict(K_te.astype(np.float64))
+        t["ksvm"] = time.perf_counter() - t0
+        # Platt probabilities can disagree with predict(); accuracy uses predict() as the reference.
+        rec["ksvm"] = _scores(nn_test, _logit(p_svm), yte)
+        rec["ksvm"]["surrogate_acc"] = float((pred_svm == yte).mean())
+        rec["ksvm"]["tad"] = rec["ksvm"]["surrogate_acc"] - rec["nn_test_acc"]
+        wrong_n, wrong_s = (nn_test > 0) != yte, pred_svm != yte
+        g, gp, gf = misclassification_overlap(wrong_n, wrong_s)
+        rec["ksvm"].update(gamma=g, gamma_p=gp, gamma_p_fisher=gf, surrogate_errors=int(wrong_s.sum()))
+    rec["seconds"] = t
+    rec["kernel_train_offdiag_mean"] = float((K_tr.sum() - np.trace(K_tr)) / (K_tr.size - len(K_tr)))
+    return rec
+
+
+SURROGATES = ("kglm", "ksvm", "distilled")
+
+
+def summarize(setting: str, rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    """Markdown summary: mean(SE) over seeds beside the reference numbers."""
+    s = SETTINGS[setting]
+    lines = [
+        f"### {setting}: {len(rows)} seeds (config: epochs={config['epochs']}, "
+        f"n_train={config['n_train']}, n_test={config['n_test']})",
+        "",
+    ]
+    nn = aggregate([{"acc": r["nn_test_acc"], "train": r["nn_train_acc"]} for r in rows])
+    lines.append(
+        f"Network test accuracy {format_mean_se(100 * nn['acc'].mean, 100 * nn['acc'].se)}% "
+        f"(reference {100 * s.ref_nn_acc:.2f}%); train accuracy "
+        f"{format_mean_se(100 * nn['train'].mean, 100 * nn['train'].se)}%."
+    )
+    lines += [
+        "",
+        "| surrogate | τ (class-1, ref. mode) | τ (logit) | test acc % | TAD pp | Γ | p(Γ) | R² |"
+        " reference τ / acc |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in SURROGATES:
+        sub = [r[name] for r in rows if name in r]
+        if not sub:
+            continue
+        a = aggregate(sub)
+
+        def f(key: str, scale: float = 1.0, a: Any = a) -> str:
+            m = a[key]
+            return format_mean_se(scale * m.mean, scale * m.se) if m.n else "n/a"
+
+        ref = f"{s.ref_tau:.3f} / {100 * s.ref_kglm_acc:.2f}%" if name == "kglm" else ""
+        pmed = float(np.nanmedian([x["gamma_p"] for x in sub]))
+        lines.append(
+            f"| {name} | {f('tau')} | {f('tau_logit')} | {f('surrogate_acc', 100)} | "
+            f"{f('tad', 100)} | {f('gamma')} | median {pmed:.1e} | {f('r2')} | {ref} |"
+        )
+    secs = aggregate([{k: v for k, v in r["seconds"].items()} for r in rows])
+    lines += [
+        "",
+        "Mean seconds per seed: "
+        + ", ".join(f"{k} {v.mean:.1f}" for k, v in secs.metrics.items())
+        + f"; training (per group, vectorized): {config.get('train_seconds_last', float('nan')):.0f}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--setting", required=True, choices=sorted(SETTINGS))
+    ap.add_argument("--seeds", type=int, default=20, help="number of seeds (models)")
+    ap.add_argument("--seed-start", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--data", type=Path, default=ROOT / "experiments" / "data")
+    ap.add_argument("--epochs", type=int, default=None, help="override the reference epochs")
+    ap.add_argument("--group-size", type=int, default=10, help="seeds trained together (vmap)")
+    ap.add_argument("--n-train-per-class", type=int, default=None, help="development only")
+    ap.add_argument("--n-test-per-class", type=int, default=None, help="development only")
+    ap.add_argument("--no-ksvm", action="store_true", help="skip the kernel SVM baseline")
+    ap.add_argument("--batch-size", type=int, default=256, help="kernel engine block size")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = SETTINGS[args.setting]
+    split = load_split(s.data, args.data, args.n_train_per_class, args.n_test_per_class)
+    epochs = args.epochs if args.epochs is not None else s.recipe.epochs
+    config = {
+        "setting": args.setting,
+        "epochs": epochs,
+        "reference_epochs": s.recipe.epochs,
+        "recipe": s.recipe.__dict__,
+        "n_train": int(len(split.y_train)),
+        "n_test": int(len(split.y_test)),
+        "group_size": args.group_size,
+        "ksvm": not args.no_ksvm,
+        "torch": torch.__version__,
+    }
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        keys = ("setting", "epochs", "n_train", "n_test", "group_size", "ksvm")
+        if any(old.get(k) != config[k] for k in keys):
+            print(
+                f"error: {out} holds results of another configuration ({cfg_path}); pass a different --out.",
+                file=sys.stderr,
+            )
+            return 2
+    cfg_path.write_text(json.dumps(config, indent=1))
+
+    seeds = list(range(args.seed_start, args.seed_start + args.seeds))
+    xtr = torch.from_numpy(split.x_train)
+    ytr = torch.from_numpy(split.y_train)
+    g = args.group_size
+    groups: dict[int, list[int]] = {}
+    for sd in seeds:
+        groups.setdefault(sd // g, []).append(sd)
+    for gi, todo in groups.items():
+        todo = [sd for sd in todo if not (out / f"seed_{sd:04d}.json").exists()]
+        if not todo:
+            continue
+        members = list(range(gi * g, gi * g + g))  # fixed groups: results do not depend on --seeds
+        print(
+            f"training {args.setting} seeds {members[0]}..{members[-1]} ({epochs} epochs)",
+            flush=True,
+        )
+        models, info = train_group(s.arch, members, xtr, ytr, s.recipe, epochs=epochs)
+        config["train_seconds_last"] = info["train_seconds"]
+        cfg_path.write_text(json.dumps(config, indent=1))
+        for sd in todo:
+            t0 = time.perf_counter()
+            rec = run_seed(
+                models[members.index(sd)],
+                sd,
+                split,
+                ksvm=not args.no_ksvm,
+                batch_size=args.batch_size,
+            )
+            rec["train_seconds_group"] = info["train_seconds"]
+            rec["group"] = members
+            rec["seconds"]["total_after_training"] = time.perf_counter() - t0
+            (out / f"seed_{sd:04d}.json").write_text(json.dumps(rec, indent=1))
+            print(
+                f"  seed {sd}: NN {100 * rec['nn_test_acc']:.2f}%  kGLM τ {rec['kglm']['tau']:.3f} "
+                f"acc {100 * rec['kglm']['surrogate_acc']:.2f}%  distilled τ "
+                f"{rec['distilled']['tau']:.3f}  ({rec['seconds']['total_after_training']:.0f}s)",
+                flush=True,
+            )
+
+    rows = [
+        json.loads((out / f"seed_{sd:04d}.json").read_text())
+        for sd in seeds
+        if (out / f"seed_{sd:04d}.json").exists()
+    ]
+    md = summarize(args.setting, rows, config)
+    (out / "summary.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
