@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import BlockCapture, DenseCap, GradientCapture
+from .capture import BlockCapture, DenseCap, GradientCapture, OuterCap
 from .errors import InputError, NonFiniteError
 from .gram import KindSpec, block_gram, block_sqnorms, cosine_normalize, kind_spec
 from .inputs import Batch, Source, batch_size_of, move_batch
@@ -28,6 +28,7 @@ from .model import (
     requiring_grad,
     select_parameters,
 )
+from .sketch import Projection
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
 
@@ -237,6 +238,7 @@ class _Engine:
         predicted: bool,
         modules: Sequence[str | nn.Module] | None,
         verify: bool = True,
+        keep_factors: bool = False,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -249,7 +251,7 @@ class _Engine:
             self.acts = None
             self.params = select_parameters(model, parameters)
             fn = make_probe_fn(spec, probes, probe_seed, predicted)
-            self.grads = GradientCapture(model, self.params, fn, verify=verify)
+            self.grads = GradientCapture(model, self.params, fn, verify=verify, keep_factors=keep_factors)
 
     def capture(self, x: Batch, y: Tensor | None) -> BlockCapture:
         x = move_batch(x, self.device, self.dtype)
@@ -298,6 +300,7 @@ def kernel(
     modules: Sequence[str | nn.Module] | None = None,
     by_layer: bool = False,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    projection: Projection | None = None,
 ) -> Tensor | dict[str, Tensor]:
     r"""Empirical kernel of a trained network between ``inputs`` and ``other`` (or ``inputs`` itself).
 
@@ -338,6 +341,10 @@ def kernel(
         modules: modules for ``"em"``.
         by_layer: return ``{layer group: unnormalized kernel}`` whose sum is the unnormalized kernel.
         cache_bytes: cache captures of ``other`` up to this many bytes (else recompute them per block).
+        projection: a :class:`tangentlens.sketch.Projection` R (K×P): the kernel of projected features
+            φ_c(x) = R g_c(x), one R shared by every class and normalized *after* summing over classes —
+            ``kind="trntk"`` gives proj-trNTK, ``kind="pntk", normalize=True`` proj-pNTK. Projected
+            features of both sides are formed block by block (N·M·K floats) and multiplied.
 
     Returns:
         (N1, N2) tensor ((N1, N2, C, C) for ``"entk"``), or a dict of them with ``by_layer``.
@@ -354,6 +361,12 @@ def kernel(
     if probes is not None and (spec.full or spec.probes in ("loss", "none")):
         raise InputError(
             f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}."
+        )
+    if projection is not None:
+        return _projected_kernel(
+            model, inputs, other, spec=spec, norm=norm, parameters=parameters, batch_size=batch_size,
+            device=device, dtype=dtype, labels=labels, other_labels=other_labels, probes=probes,
+            probe_seed=probe_seed, projection=projection, by_layer=by_layer,
         )
     lab1, pred1 = _labels_mode(labels)
     lab2, pred2 = _labels_mode(other_labels)
@@ -496,6 +509,7 @@ def features(
     probes: int | Tensor | None = None,
     probe_seed: int = 0,
     modules: Sequence[str | nn.Module] | None = None,
+    projection: Projection | None = None,
 ) -> Tensor:
     """Per-example feature vectors whose inner products give ``kernel(..., kind=kind)``.
 
@@ -508,10 +522,18 @@ def features(
     ``normalize`` (default: the kind's) scales each row to unit norm, so that inner products of normalized
     features are the normalized kernel. Cost: as :func:`kernel`'s capture plus materializing N·M·P floats
     (use :func:`iter_features` to stream blocks instead of holding them).
+
+    With ``projection`` (a :class:`tangentlens.sketch.Projection` R, K×P) each per-probe gradient is
+    projected, φ_m(x) = R g_m(x) (the same R for every class), giving (N, M·K) (or (N, C, K) for ``"entk"``).
+    Dense, sparse and SRHT projections act on per-parameter slices of the gradient at their global column
+    offsets (parameters in ``named_parameters`` order), so the result equals projecting the concatenated
+    gradient; ``kind="kronecker"`` projects Linear/Conv layers from their factors, (P_out δ)(P_in a)ᵀ summed
+    over positions, never forming per-example gradients, and every other parameter with its flat fallback.
     """
     blocks = [b for _, b in iter_features(
         model, inputs, kind=kind, normalize=normalize, parameters=parameters, batch_size=batch_size,
         device=device, dtype=dtype, labels=labels, probes=probes, probe_seed=probe_seed, modules=modules,
+        projection=projection,
     )]
     return torch.cat(blocks)
 
@@ -530,6 +552,7 @@ def iter_features(
     probes: int | Tensor | None = None,
     probe_seed: int = 0,
     modules: Sequence[str | nn.Module] | None = None,
+    projection: Projection | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """Stream :func:`features` as ``(start_row, block)`` pairs (blocks on the CPU)."""
     spec = _validate_common(kind, batch_size)
@@ -538,6 +561,8 @@ def iter_features(
         raise InputError(
             f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}."
         )
+    if projection is not None and spec.probes == "none":
+        raise InputError(f"projection= applies to gradient kernels, not {spec.name!r}.")
     lab, pred = _labels_mode(labels)
     src = Source(inputs, batch_size, lab, "inputs")
     with prepared(model, device=device, dtype=dtype) as (work, dev, dt):
@@ -545,11 +570,16 @@ def iter_features(
         wparams = dict(work.named_parameters())
         with requiring_grad([wparams[n] for n in sel]):
             eng = _Engine(work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt,
-                          probes=probes, probe_seed=probe_seed, predicted=pred, modules=modules)
+                          probes=probes, probe_seed=probe_seed, predicted=pred, modules=modules,
+                          keep_factors=projection is not None and projection.kind == "kronecker")
+            sizes = {n: wparams[n].numel() for n in sel}
             try:
                 for blk in src.blocks():
                     cap = eng.capture(blk.x, blk.y)
-                    yield blk.start, _block_features(cap, list(sel), spec, norm)
+                    if projection is None:
+                        yield blk.start, _block_features(cap, list(sel), spec, norm)
+                    else:
+                        yield blk.start, _block_projected(cap, sizes, spec, norm, projection)
             finally:
                 eng.close()
 
@@ -569,6 +599,104 @@ def _block_features(cap: BlockCapture, order: list[str], spec: KindSpec, norm: b
     if norm:
         F_ = F_ / F_.norm(dim=1, keepdim=True).clamp_min(torch.finfo(F_.dtype).tiny)
     return F_.cpu()
+
+
+def _block_projected(
+    cap: BlockCapture, sizes: dict[str, int], spec: KindSpec, norm: bool, proj: Projection
+) -> Tensor:
+    """Projected features of one block: (B, M·K) (or (B, M, K) for the full kind)."""
+    offsets: dict[str, int] = {}
+    total = 0
+    for n, k in sizes.items():
+        offsets[n] = total
+        total += k
+    B, M = cap.size, _probes_of(cap)
+    flat: Tensor | None = None
+    kron: list[Tensor] = []
+    slices: dict[str, Tensor] = {}
+    for c in cap.caps:
+        if proj.kind == "kronecker" and isinstance(c, OuterCap) and c.weight is not None:
+            d_out, d_in = c.delta.shape[3], c.a.shape[2]
+            f = proj.project_kronecker(c.a, c.delta, c.weight, d_in=d_in, d_out=d_out, total_dim=total)
+            if proj.fold:
+                flat = f.reshape(B * M, -1) if flat is None else flat + f.reshape(B * M, -1)
+            else:
+                kron.append(f)
+            if c.bias is not None:
+                slices[c.bias] = c.delta.sum(2)
+        else:
+            slices.update(c.materialize())
+    # project maximal runs of adjacent parameters in one call each (fewer, larger GEMMs / tiles)
+    run: list[Tensor] = []
+    run_start = 0
+    names = [n for n in sizes if n in slices]
+    for i, n in enumerate(names):
+        if not run:
+            run_start = offsets[n]
+        run.append(slices[n].reshape(B * M, -1))
+        nxt = names[i + 1] if i + 1 < len(names) else None
+        if nxt is None or offsets[nxt] != offsets[n] + sizes[n]:
+            g = run[0] if len(run) == 1 else torch.cat(run, 1)
+            pr = proj.project(g, run_start, total)
+            flat = pr if flat is None else flat + pr
+            run = []
+    parts = kron + ([flat.reshape(B, M, -1)] if flat is not None else [])
+    G = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    if spec.full:
+        if norm:
+            G = G / G.norm(dim=2, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+        return G.cpu()
+    F_ = G.reshape(B, -1)
+    if norm:
+        F_ = F_ / F_.norm(dim=1, keepdim=True).clamp_min(torch.finfo(F_.dtype).tiny)
+    return F_.cpu()
+
+
+def _probes_of(cap: BlockCapture) -> int:
+    c = cap.caps[0]
+    if isinstance(c, DenseCap):
+        return next(iter(c.grads.values())).shape[1]
+    return c.delta.shape[1]
+
+
+def _projected_kernel(
+    model: nn.Module,
+    inputs: Any,
+    other: Any,
+    *,
+    spec: KindSpec,
+    norm: bool,
+    projection: Projection,
+    by_layer: bool,
+    **kw: Any,
+) -> Tensor:
+    """Kernel of projected features: Φ1 Φ2ᵀ, cosine-normalized on request (proj-trNTK, proj-pNTK)."""
+    if spec.probes == "none":
+        raise InputError(f"projection= applies to gradient kernels, not {spec.name!r}.")
+    if by_layer:
+        raise InputError("by_layer=True is not available with a projection (features mix the layers).")
+    other_labels = kw.pop("other_labels")
+    F1 = features(model, inputs, kind=spec.name, normalize=False, projection=projection, **kw)
+    if other is None:
+        F2 = F1
+    else:
+        kw["labels"] = other_labels
+        F2 = features(model, other, kind=spec.name, normalize=False, projection=projection, **kw)
+    if spec.full:
+        K = torch.einsum("imk,jnk->ijmn", F1, F2)
+        if norm:
+            cosine_normalize(K, (F1 * F1).sum(-1), (F2 * F2).sum(-1))
+        return K
+    K = F1 @ F2.T
+    if not torch.isfinite(K).all():
+        raise NonFiniteError("NaN or infinite projected kernel values.")
+    if norm:
+        d1 = (F1 * F1).sum(1)
+        d2 = d1 if other is None else (F2 * F2).sum(1)
+        cosine_normalize(K, d1, d2)
+        if other is None:
+            K.diagonal().copy_(torch.where(d1 > 0, torch.ones_like(d1), K.diagonal()))
+    return K
 
 
 def available_kinds() -> list[str]:

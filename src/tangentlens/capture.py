@@ -244,6 +244,7 @@ class _Rule:
         self.records: list[Any] = []
         self.outs: list[Tensor] = []
         self.grads: list[list[Tensor | None]] = []
+        self.allow_dense = True  # may a factored capture be materialized when that is cheaper?
         self.handle = module.register_forward_hook(self._hook)
 
     def remove(self) -> None:
@@ -321,7 +322,7 @@ class LinearRule(_Rule):
         d = _cat(d_parts, 2)
         w = self.module.weight  # type: ignore[union-attr]
         cap = OuterCap(self.group, a, d, self.names.get("weight"), self.names.get("bias"), tuple(w.shape))
-        if _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M):
+        if self.allow_dense and _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M):
             return _to_dense(cap)
         return cap
 
@@ -356,7 +357,7 @@ class ConvRule(_Rule):
         d = _cat(d_parts, 2)
         w = self.module.weight  # type: ignore[union-attr]
         cap = OuterCap(self.group, a, d, self.names.get("weight"), self.names.get("bias"), tuple(w.shape))
-        if _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M):
+        if self.allow_dense and _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M):
             return _to_dense(cap)
         return cap
 
@@ -515,7 +516,9 @@ class Fallback:
             _, vjp_fn = torch.func.vjp(lambda p: self._single(p, x_i), primals)
             return torch.func.vmap(vjp_fn)(v_i)[0]
 
-        return torch.func.vmap(one)(x, V)
+        with torch.no_grad():  # torch.func transforms still differentiate; no outer graph is recorded
+            out = torch.func.vmap(one)(x, V)
+        return {n: g.detach() for n, g in out.items()}
 
     def _loop(self, x: Batch, V: Tensor) -> dict[str, Tensor]:
         B, M = V.shape[:2]
@@ -531,7 +534,7 @@ class Fallback:
                 out[n].append(
                     torch.stack([g[k] if g[k] is not None else torch.zeros_like(ps[k]) for g in per_m])
                 )
-        return {n: torch.stack(v) for n, v in out.items()}
+        return {n: torch.stack(v).detach() for n, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,6 +550,7 @@ class GradientCapture:
         params: the selected parameters ``{name: parameter}`` of ``model``.
         probe_fn: builds the probe vectors (B, M, C) from logits and labels.
         verify: check hook-based gradients against autograd on the first block (recommended).
+        keep_factors: never materialize factored (Linear/Conv) captures, e.g. for Kronecker projections.
 
     Use as a context manager; hooks are removed on exit.
     """
@@ -557,6 +561,7 @@ class GradientCapture:
         params: dict[str, nn.Parameter],
         probe_fn: ProbeFn,
         verify: bool = True,
+        keep_factors: bool = False,
     ) -> None:
         self.model = model
         self.params = params
@@ -578,7 +583,9 @@ class GradientCapture:
             names = {r: by_id[id(p)] for r, p in own.items()}
             if any(n in covered for n in names.values()):
                 continue  # shared module used twice in the tree: first one wins
-            self.rules.append(cls(mname or "<root>", mod, names))
+            rule = cls(mname or "<root>", mod, names)
+            rule.allow_dense = not keep_factors
+            self.rules.append(rule)
             covered.update(names.values())
         self.fallback_names = [n for n in params if n not in covered]
 
