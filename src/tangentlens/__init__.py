@@ -1,6 +1,8 @@
 """tangentlens: explain neural networks with empirical neural tangent kernel surrogates.
 
-Functional core: :func:`kernel`, :func:`features`, :func:`iter_features`.
+Functional core: :func:`kernel`, :func:`features`, :func:`iter_features` (and :class:`Projection` for the
+projected variants). Surrogates: :class:`KernelSurrogate` and its baselines. Faithfulness:
+:func:`faithfulness`, :func:`aggregate`. Explanations: :func:`explain`, :func:`most_similar`.
 """
 
 from .api import available_kinds, features, iter_features, kernel, rademacher_probes
@@ -14,6 +16,10 @@ from .errors import (
     UnknownKindError,
     UnsupportedLayerWarning,
 )
+from .explain import explain, most_similar
+from .faithfulness import FaithfulnessResult, aggregate, faithfulness, format_mean_se
+from .sketch import FidelityReport, Projection, fidelity, fidelity_curve, output_probes
+from .surrogate import KernelRidgeSurrogate, KernelSurrogate, KernelSVMSurrogate
 
 __version__ = "0.1.0"
 
@@ -23,6 +29,20 @@ __all__ = [
     "iter_features",
     "available_kinds",
     "rademacher_probes",
+    "Projection",
+    "output_probes",
+    "fidelity",
+    "fidelity_curve",
+    "FidelityReport",
+    "KernelSurrogate",
+    "KernelSVMSurrogate",
+    "KernelRidgeSurrogate",
+    "faithfulness",
+    "FaithfulnessResult",
+    "aggregate",
+    "format_mean_se",
+    "explain",
+    "most_similar",
     "TangentLensError",
     "InputError",
     "ModelOutputError",
