@@ -118,11 +118,13 @@ def test_shuffling_loader_rejected(mlp: nn.Module) -> None:
 
 
 def test_probes_validation(mlp: nn.Module) -> None:
-    with pytest.raises(InputError, match="positive integer"):
+    with pytest.raises(InputError, match="output probes"):
         tl.kernel(mlp, X, probes=0)
+    with pytest.raises(InputError, match="exact trace"):
+        tl.kernel(mlp, X, probes=4)
     with pytest.raises(InputError, match="trace kinds"):
         tl.kernel(mlp, X, kind="entk", probes=2)
-    with pytest.raises(InputError, match="seed must be an integer"):
+    with pytest.raises(InputError, match="seed"):
         tl.kernel(mlp, X, probes=2, probe_seed=1.5)  # type: ignore[arg-type]
 
 

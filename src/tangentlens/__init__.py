@@ -5,7 +5,7 @@ projected variants). Surrogates: :class:`KernelSurrogate` and its baselines. Fai
 :func:`faithfulness`, :func:`aggregate`. Explanations: :func:`explain`, :func:`most_similar`.
 """
 
-from .api import available_kinds, features, iter_features, kernel, rademacher_probes
+from .api import available_kinds, features, iter_features, kernel
 from .errors import (
     InputError,
     ModelOutputError,
@@ -28,7 +28,6 @@ __all__ = [
     "features",
     "iter_features",
     "available_kinds",
-    "rademacher_probes",
     "Projection",
     "output_probes",
     "fidelity",

@@ -28,7 +28,7 @@ from .model import (
     requiring_grad,
     select_parameters,
 )
-from .sketch import Projection
+from .sketch import Projection, output_probes
 
 DEFAULT_CACHE_BYTES = 2 * 2**30
 
@@ -88,31 +88,13 @@ def make_probe_fn(spec: KindSpec, probes: int | Tensor | None, seed: int, predic
                 if P.dim() != 2 or P.shape[1] != C:
                     raise InputError(f"probes must have shape (M, {C}); got {tuple(P.shape)}.")
             else:
-                P = rademacher_probes(C, probes, seed).to(device=logits.device, dtype=logits.dtype)
+                P = output_probes(C, probes, seed, dtype=torch.float64).to(logits.device, logits.dtype)
             return P[None].expand(B, -1, -1)
         if spec.probes == "sum":
             return logits.new_full((B, 1, C), 1.0 / math.sqrt(C))
         return torch.eye(C, dtype=logits.dtype, device=logits.device)[None].expand(B, C, C)
 
     return fn
-
-
-def rademacher_probes(C: int, m: int, seed: int = 0) -> Tensor:
-    """m random sign vectors over the C outputs, scaled by 1/√m (one-hot identity when m == C).
-
-    E[Σ_k (v_k·a)(v_k·b)] = a·b for Rademacher v_k / √m, so the sketched trace Σ_k ⟨v_k J, v_k J'⟩ is an
-    unbiased estimate of Tr(J J'ᵀ) (trNTK⁰); its variance falls like 1/m. With m == C the exact trace is
-    returned through one-hot probes.
-    """
-    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-        raise InputError(f"probes must be a positive integer number of output probes; got {m!r}.")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise InputError(f"seed must be an integer; got {seed!r}.")
-    if m == C:
-        return torch.eye(C, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (m, C), generator=g, dtype=torch.int64) * 2 - 1
-    return signs.to(torch.float64) / math.sqrt(m)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -706,4 +688,4 @@ def available_kinds() -> list[str]:
     return sorted(KINDS)
 
 
-__all__ = ["kernel", "features", "iter_features", "available_kinds", "rademacher_probes"]
+__all__ = ["kernel", "features", "iter_features", "available_kinds"]
