@@ -109,6 +109,8 @@ def _validate_test_kernel(est: BaseEstimator, K: ArrayLike) -> Float64Array:
         probe = None
     if probe is not None:
         _check_finite(probe, "test x train kernel")
+        if not hasattr(K, "columns"):  # keep DataFrames for scikit-learn's feature-name check
+            K = probe  # already converted: no second copy
     try:
         K = validate_data(est, K, reset=False, dtype=np.float64, ensure_all_finite=False)
     except ValueError as err:
