@@ -643,11 +643,13 @@ class Projection:
                 )
                 out += _matmul(x, block)
             else:
-                full = x.new_zeros((n, big_t))
-                full[:, j0 - t * big_t : j1 - t * big_t] = x
-                y = _matmul(full.view(n * a, b), hb)  # X H_b (H symmetric)
-                y = y.view(n, a, b).transpose(1, 2).reshape(n * b, a)
-                y = _matmul(y, ha).view(n, b, a).transpose(1, 2).reshape(n, big_t)  # H_a X H_b
+                if width == big_t:
+                    full = x
+                else:
+                    full = x.new_zeros((n, big_t))
+                    full[:, j0 - t * big_t : j1 - t * big_t] = x
+                y = torch.matmul(ha, full.view(n, a, b))  # H_a X per row (one GEMM per row)
+                y = _matmul(y.view(n * a, b), hb).view(n, big_t)  # (H_a X) H_b, H symmetric
                 out += y[:, sel]
         out *= 1.0 / math.sqrt(self.dim)
 
@@ -718,7 +720,9 @@ class Projection:
             delta: ``(n, M, T, d_out)`` output gradients per probe ``m``, or ``(n, M, d_out)``.
             key: Layer identifier (e.g. the module's qualified name); seeds ``P_in`` and ``P_out``.
             d_in, d_out: Layer sizes (checked against the tensors).
-            total_dim: ``P`` of the whole parameter vector; required for ``scale="reference"``.
+            total_dim: ``P`` of the whole parameter vector; required for ``scale="reference"``,
+                which multiplies the unbiased features by ``sqrt(dim / P)`` (the convention
+                ``E<phi(a), phi(b)> = (K/P) <a, b>`` with ``K = dim``, as for :meth:`project`).
             k_in, k_out: Override :meth:`kronecker_dims`.
 
         Returns:
