@@ -15,6 +15,10 @@ logits, and reports for every projection at equal K:
   ``n_exact x n_exact`` train block (mean |r|, max |r|, the exponential-CDF constant ``a = K mean|r|``
   of method.md, relative Frobenius error).
 
+Rows ``engine ...`` run the library's own path, ``tangentlens.api.features(kind="pntk" | "trntk",
+projection=...)`` (hooks, no vmap); ``engine trntk`` rows are proj-trNTK (C probes per example, one
+R for all classes) against the exact trNTK of ``tangentlens.api.kernel``.
+
 Also reported: the GEMM rate, the batched forward+backward rate of the model (the ceiling for
 proj-pNTK featurization) and the ``vmap(grad)`` rate.
 
@@ -325,8 +329,7 @@ def run_model(name: str, args: argparse.Namespace, gemm: float) -> dict[str, obj
             dt = time.perf_counter() - t0
         feats = torch.cat(outs)
         fid = fidelity(cosine_gram(feats[: args.n_exact].double()), exact, K)
-        rows.append(Row(label, feats.shape[1], dt, dt + t_grad, mem["mb"], flops_per_ex * args.n,
-                        _fid(fid)))  # fmt: skip
+        rows.append(Row(label, feats.shape[1], dt, dt + t_grad, mem["mb"], flops_per_ex * args.n, _fid(fid)))
         _print_row(rows[-1], args.n, gemm)
 
     def ours(kind: str, **kw: object) -> Callable[[Tensor], Tensor]:
@@ -344,10 +347,12 @@ def run_model(name: str, args: argparse.Namespace, gemm: float) -> dict[str, obj
         except ImportError as exc:
             print(f"TRAK not available ({exc}); pip install -r benchmarks/requirements.txt")
     if "rademacher" in selected:
-        flat("rademacher (reference scale)", ours("rademacher", scale="reference",
-             memory_budget_bytes=budget), 2.0 * P * K)  # fmt: skip
-        flat("rademacher (cache 1 GiB)", ours("rademacher", memory_budget_bytes=2**30),
-             2.0 * P * K)  # fmt: skip
+        flat(
+            "rademacher (reference scale)",
+            ours("rademacher", scale="reference", memory_budget_bytes=budget),
+            2.0 * P * K,
+        )
+        flat("rademacher (cache 1 GiB)", ours("rademacher", memory_budget_bytes=2**30), 2.0 * P * K)
     if "gaussian" in selected:
         flat("gaussian", ours("gaussian", memory_budget_bytes=budget), 2.0 * P * K)
     if "sjlt" in selected:
@@ -357,6 +362,13 @@ def run_model(name: str, args: argparse.Namespace, gemm: float) -> dict[str, obj
         flat("srht", ours("srht"))
     if "kronecker" in selected or "twostage" in selected:
         structured(model, x, spans, P, K, exact, args, rows, gemm, selected)
+    if "engine" in selected:
+        engine(model, x, K, exact, args, rows, gemm, "pntk")
+    if "trntk" in selected:
+        from tangentlens.api import kernel
+
+        exact_tr = kernel(model, x[: args.n_exact], kind="trntk", batch_size=args.batch).double()
+        engine(model, x, K, exact_tr, args, rows, gemm, "trntk")
     return {
         "model": name,
         "P": P,
@@ -415,6 +427,41 @@ def structured(
             run(label, lambda c, pr=pr: pr.project(grads_from_capture(c), 0, P))
 
 
+def engine(
+    model: nn.Module,
+    x: Tensor,
+    K: int,
+    exact: Tensor,
+    args: argparse.Namespace,
+    rows: list[Row],
+    gemm: float,
+    kind: str,
+) -> None:
+    """The library's own path: ``tangentlens.api.features(kind=..., projection=...)`` (hooks, no
+    vmap), end to end. ``kind="trntk"`` is proj-trNTK (C probes per example, one R for all)."""
+    from tangentlens.api import features
+
+    budget = args.budget_mib * 2**20
+    configs = [
+        ("sjlt s=1", Projection(K, "sjlt", seed=args.seed, s=1)),
+        (
+            "rademacher ref",
+            Projection(K, "rademacher", seed=args.seed, scale="reference", memory_budget_bytes=budget),
+        ),
+        ("kronecker concat", Projection(K, "kronecker", seed=args.seed)),
+        (f"kronecker {16 * K}->fold", Projection(K, "kronecker", seed=args.seed, kron_dim=16 * K, fold=True)),
+    ]
+    for label, pr in configs:
+        features(model, x[:16], kind=kind, normalize=False, projection=pr, batch_size=args.batch)
+        with peak_rss() as mem:
+            t0 = time.perf_counter()
+            feats = features(model, x, kind=kind, normalize=False, projection=pr, batch_size=args.batch)
+            dt = time.perf_counter() - t0
+        fid = fidelity(cosine_gram(feats[: args.n_exact].double()), exact, K)
+        rows.append(Row(f"engine {kind} {label}", feats.shape[1], dt, dt, mem["mb"], 0.0, _fid(fid)))
+        _print_row(rows[-1], args.n, gemm)
+
+
 def _fid(f: object) -> dict[str, float]:
     d = f.to_dict()  # type: ignore[attr-defined]
     return {k: d[k] for k in ("mean_abs", "max_abs", "exp_cdf_a", "rel_frobenius")}
@@ -456,7 +503,11 @@ def summarize(res: dict[str, object]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--models", default="mlp,cnn")
-    ap.add_argument("--kinds", default="trak,rademacher,gaussian,sjlt,srht,kronecker,twostage")
+    ap.add_argument(
+        "--kinds",
+        default="trak,rademacher,gaussian,sjlt,srht,kronecker,twostage,engine,trntk",
+        help="engine: tangentlens.api.features(kind='pntk', projection=...); trntk: proj-trNTK",
+    )
     ap.add_argument("--n", type=int, default=1000, help="examples featurized")
     ap.add_argument("--n-exact", type=int, default=300, help="examples in the exact-kernel block")
     ap.add_argument("--k", type=int, default=2048)
