@@ -1,0 +1,195 @@
+"""PNG figures for the report, drawn from plain arrays (no torch, no models).
+
+Matplotlib runs on its non-interactive ``Agg`` backend, so the figures render on machines without a display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tangentlens.errors import InputError
+
+__all__ = ["scatter", "gallery"]
+
+
+def _pyplot():  # returns the matplotlib.pyplot module
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def scatter(
+    path: str | Path,
+    x: np.ndarray | Sequence[float],
+    y: np.ndarray | Sequence[float],
+    *,
+    series: Sequence[tuple[str, np.ndarray, np.ndarray]] | None = None,
+    correct: np.ndarray | Sequence[bool] | None = None,
+    title: str = "",
+    xlabel: str = "network",
+    ylabel: str = "surrogate",
+    annotation: str | None = None,
+) -> Path:
+    """Scatter plot of paired confidences (e.g. network vs surrogate true-class probability).
+
+    Args:
+        path: output PNG file; parent folders are created.
+        x: first coordinate of each point (e.g. the network's confidence), shape (N,).
+        y: second coordinate (e.g. the surrogate's confidence), shape (N,).
+        series: optional extra ``(label, x, y)`` series drawn on the same axes in other colours.
+        correct: optional booleans, shape (N,): points where this is False are drawn as crosses.
+        title: figure title.
+        xlabel: x-axis label.
+        ylabel: y-axis label.
+        annotation: optional text placed in the upper-left corner (e.g. "tau = 0.81").
+
+    Returns:
+        The path written. Cost: O(N) drawing.
+
+    Raises:
+        InputError: if ``x`` and ``y`` (or ``correct``) differ in length or are empty.
+    """
+    xs = np.asarray(x, dtype=float).ravel()
+    ys = np.asarray(y, dtype=float).ravel()
+    if xs.size == 0 or xs.shape != ys.shape:
+        raise InputError(f"scatter needs x and y of one non-zero length, got {xs.size} and {ys.size}.")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.0, 5.0), dpi=110)
+    lo = float(min(xs.min(), ys.min(), 0.0))
+    hi = float(max(xs.max(), ys.max(), 1.0))
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, ls="--", zorder=0)
+    first_label = series[0][0] if series else None
+    extra = list(series[1:]) if series else []
+    if correct is not None:
+        ok = np.asarray(correct, dtype=bool).ravel()
+        if ok.shape != xs.shape:
+            raise InputError(f"correct has {ok.size} entries, x has {xs.size}.")
+        ax.scatter(xs[ok], ys[ok], s=9, alpha=0.6, label=first_label or "network correct")
+        ax.scatter(xs[~ok], ys[~ok], s=22, marker="x", color="C3", label="network wrong")
+    else:
+        ax.scatter(xs, ys, s=9, alpha=0.6, label=first_label)
+    for i, (label, sx, sy) in enumerate(extra):
+        ax.scatter(np.asarray(sx).ravel(), np.asarray(sy).ravel(), s=9, alpha=0.5, label=label,
+                   color=f"C{i + 1}")
+    if annotation:
+        ax.text(0.03, 0.97, annotation, transform=ax.transAxes, va="top", ha="left", fontsize=9,
+                bbox={"boxstyle": "round", "fc": "white", "ec": "0.7"})
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(lo - 0.02, hi + 0.02)
+    ax.set_ylim(lo - 0.02, hi + 0.02)
+    if correct is not None or series:
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def gallery(
+    path: str | Path,
+    queries: np.ndarray,
+    proponents: np.ndarray,
+    proponent_scores: np.ndarray,
+    opponents: np.ndarray,
+    opponent_scores: np.ndarray,
+    *,
+    query_titles: Sequence[str] | None = None,
+    proponent_titles: Sequence[Sequence[str]] | None = None,
+    opponent_titles: Sequence[Sequence[str]] | None = None,
+    title: str = "",
+    cmap: str = "gray_r",
+) -> Path:
+    """A grid of images: each row is a query, then its top proponents, then its top opponents.
+
+    Args:
+        path: output PNG file; parent folders are created.
+        queries: images of shape (R, H, W) (or (R, 1, H, W)), one per row.
+        proponents: images of shape (R, k_p, H, W) (or with a channel axis of 1).
+        proponent_scores: contributions of shape (R, k_p), written above each image. A cell whose image
+            is all NaN is left empty (use it to pad rows with fewer than k_p proponents).
+        opponents: images of shape (R, k_o, H, W).
+        opponent_scores: contributions of shape (R, k_o).
+        query_titles: optional R titles of the query images (e.g. "test 17: y=3, net=3").
+        proponent_titles: optional R x k_p extra captions (e.g. the training label), prefixed to the score.
+        opponent_titles: optional R x k_o extra captions.
+        title: figure title.
+        cmap: matplotlib colour map of the images.
+
+    Returns:
+        The path written. Cost: R * (1 + k_p + k_o) small images.
+
+    Raises:
+        InputError: if the shapes do not agree.
+    """
+    q = _as_images(np.asarray(queries, dtype=float), 3, "queries")
+    p = _as_images(np.asarray(proponents, dtype=float), 4, "proponents")
+    o = _as_images(np.asarray(opponents, dtype=float), 4, "opponents")
+    ps = np.asarray(proponent_scores, dtype=float)
+    os_ = np.asarray(opponent_scores, dtype=float)
+    rows = q.shape[0]
+    if rows == 0:
+        raise InputError("gallery needs at least one query image.")
+    if p.shape[0] != rows or o.shape[0] != rows:
+        raise InputError(
+            f"gallery rows disagree: {rows} queries, {p.shape[0]} proponent rows, {o.shape[0]} opponent rows."
+        )
+    if ps.shape != p.shape[:2] or os_.shape != o.shape[:2]:
+        raise InputError(
+            f"score shapes {ps.shape} / {os_.shape} do not match images {p.shape[:2]} / {o.shape[:2]}."
+        )
+    kp, ko = p.shape[1], o.shape[1]
+    cols = 1 + kp + ko
+    plt = _pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.4, 1.8 * rows + 0.7), dpi=110,
+                             squeeze=False)
+    for r in range(rows):
+        cells = [(q[r], query_titles[r] if query_titles else f"query {r}", "black")]
+        for j in range(kp):
+            cap = "" if np.isnan(ps[r, j]) else f"{ps[r, j]:+.3g}"
+            if proponent_titles and cap:
+                cap = f"{proponent_titles[r][j]}\n{cap}"
+            cells.append((p[r, j], cap, "tab:green"))
+        for j in range(ko):
+            cap = "" if np.isnan(os_[r, j]) else f"{os_[r, j]:+.3g}"
+            if opponent_titles and cap:
+                cap = f"{opponent_titles[r][j]}\n{cap}"
+            cells.append((o[r, j], cap, "tab:red"))
+        for c, (img, cap, colour) in enumerate(cells):
+            ax = axes[r, c]
+            if np.all(np.isnan(img)):  # an empty cell (fewer proponents/opponents than columns)
+                ax.axis("off")
+                continue
+            ax.imshow(img, cmap=cmap, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(2.0 if c else 1.0)
+            ax.set_title(cap, fontsize=7, color=colour)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _as_images(a: np.ndarray, ndim: int, name: str) -> np.ndarray:
+    """Drop a singleton channel axis so images have ``ndim`` axes; check the result."""
+    if a.ndim == ndim + 1 and a.shape[-3] == 1:
+        a = a.reshape(*a.shape[:-3], *a.shape[-2:])
+    if a.ndim != ndim:
+        raise InputError(f"{name} must have {ndim} axes (images last, H x W), got shape {a.shape}.")
+    return a
