@@ -32,6 +32,8 @@ class DigitsSplit:
         mean: training pixel mean (of the [0, 1]-scaled pixels) that was subtracted.
         std: training pixel standard deviation that was divided by.
         seed: the seed of the split.
+        train_index: positions of the training images in ``sklearn.datasets.load_digits()``.
+        test_index: positions of the test images there.
     """
 
     x_train: torch.Tensor
@@ -41,6 +43,8 @@ class DigitsSplit:
     mean: float
     std: float
     seed: int
+    train_index: np.ndarray
+    test_index: np.ndarray
 
     @property
     def n_classes(self) -> int:
@@ -120,4 +124,6 @@ def load_digits_split(
         mean=mean,
         std=std,
         seed=seed,
+        train_index=train_idx,
+        test_index=test_idx,
     )
