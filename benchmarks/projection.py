@@ -48,7 +48,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tangentlens.sketch import Projection, cosine_gram, fidelity
+from tangentlens.sketch import (
+    Projection,
+    cosine_gram,
+    fidelity,
+    fidelity_curve,
+    loglog_slope,
+    plot_fidelity,
+)
 
 # --------------------------------------------------------------------------------------------------
 # models and data
@@ -310,6 +317,10 @@ def run_model(name: str, args: argparse.Namespace, gemm: float) -> dict[str, obj
     t_grad = time.perf_counter() - t
     g_all = torch.cat(grads)
     exact = cosine_gram(g_all[: args.n_exact].double())
+    if args.curve:
+        fidelity_curves(
+            g_all[: args.n_exact], exact, P, args, f"{args.curve.removesuffix('.png')}_{name}.png"
+        )
     print(
         f"batched fwd+bwd {fwdbwd:,.0f} ex/s | vmap(grad) {args.n / t_grad:,.0f} ex/s | "
         f"GEMM {gemm:.0f} GFLOP/s",
@@ -427,6 +438,27 @@ def structured(
             run(label, lambda c, pr=pr: pr.project(grads_from_capture(c), 0, P))
 
 
+def fidelity_curves(g: Tensor, exact: Tensor, P: int, args: argparse.Namespace, path: str) -> None:
+    """Residual against K for the flat kinds on the exact block; log-log slopes and a PNG."""
+    dims = [k for k in (128, 256, 512, 1024, 2048, 4096) if k <= max(args.k, 128)]
+    curves = {}
+    for kind, kw in (("rademacher", {}), ("gaussian", {}), ("sjlt", {"s": 1}), ("srht", {})):
+
+        def make(k: int, kind: str = kind, kw: dict = kw) -> Tensor:  # type: ignore[type-arg]
+            return cosine_gram(Projection(k, kind, seed=args.seed, **kw).project(g, 0, P).double())
+
+        curves[kind] = fidelity_curve(make, exact, dims)
+        slope = loglog_slope(curves[kind])
+        print(
+            f"fidelity curve {kind:10s} K={dims}: mean|r| "
+            + " ".join(f"{r.mean_abs:.4f}" for r in curves[kind])
+            + f"  slope {slope:+.2f}  a(K={dims[-1]}) {curves[kind][-1].exp_cdf_a:.1f}",
+            flush=True,
+        )
+    plot_fidelity(curves, path, title=f"projected pNTK cosine residual, P = {P:,}")
+    print(f"wrote {path}")
+
+
 def engine(
     model: nn.Module,
     x: Tensor,
@@ -518,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-trak", action="store_true")
     ap.add_argument("--json", default="", help="write all numbers to this file")
+    ap.add_argument("--curve", default="", help="also plot residual vs K to CURVE_<model>.png")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -968,13 +968,12 @@ def plot_fidelity(
     """Write a two-panel PNG: mean and max ``|r|`` against ``K`` (log-log, with a ``K^-1/2`` guide),
     and the empirical CDF of ``|r| K`` against the fitted ``1 - exp(-x / a)``. ``reports`` may be a
     dict ``label -> reports`` to overlay several projection kinds. Returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     series = dict(reports) if isinstance(reports, dict) else {"projection": list(reports)}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
     for label, reps in series.items():
         reps = [r for r in reps if r.K is not None]
         if not reps:
@@ -1002,6 +1001,10 @@ def plot_fidelity(
         k1 = max(r.K for r in all_reps)
         m0 = max(r.mean_abs for r in all_reps if r.K == k0)
         ax1.loglog([k0, k1], [m0, m0 * math.sqrt(k0 / k1)], "k--", lw=0.8, label="K^-1/2")
+    if all_reps:
+        ticks = sorted({int(r.K) for r in all_reps if r.K is not None})
+        ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax1.set_xticks(ticks, [str(k) for k in ticks])
     ax1.set_xlabel("projection dim K")
     ax1.set_ylabel("|projected - exact| (o mean, ^ max)")
     ax1.legend(fontsize=7)
@@ -1012,5 +1015,4 @@ def plot_fidelity(
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
