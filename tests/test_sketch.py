@@ -109,8 +109,7 @@ def test_error_shrinks_like_inverse_sqrt_k(kind: str) -> None:
     reports = []
     for k in [16, 64, 256, 1024]:
         reps = [
-            fidelity(cosine_gram(Projection(k, kind, seed=s).project(x, 0, p)), exact, k)
-            for s in range(3)
+            fidelity(cosine_gram(Projection(k, kind, seed=s).project(x, 0, p)), exact, k) for s in range(3)
         ]
         mean_abs = sum(r.mean_abs for r in reps) / len(reps)
         reports.append(FidelityReport(k, reps[0].n_entries, mean_abs, 0.0, 0.0, 0.0, k * mean_abs))
@@ -188,9 +187,7 @@ def test_partition_of_columns_sums_to_whole(kind: str) -> None:
         cuts = _random_partition(p, 12, seed) + [p]
         cuts = sorted(set(cuts[:-1] + [1, 2, 255, 256, 257]))  # tiny and boundary-aligned pieces
         cuts = [c for c in cuts if c < p] + [p]
-        total = sum(
-            pr.project(g[:, c0:c1], c0, p) for c0, c1 in zip(cuts[:-1], cuts[1:], strict=True)
-        )
+        total = sum(pr.project(g[:, c0:c1], c0, p) for c0, c1 in zip(cuts[:-1], cuts[1:], strict=True))
         torch.testing.assert_close(total, full, rtol=1e-10, atol=1e-10)
     # float32: same within float32 summation-order noise
     g32 = g.float()
@@ -276,6 +273,21 @@ def test_dtype_option_and_cache_budget() -> None:
     assert big._cache_bytes == 0
 
 
+@pytest.mark.parametrize(
+    ("budget", "tier"), [(10**6, "full"), (30000, "int8"), (5000, "bits"), (100, "none")]
+)
+def test_rademacher_cache_tiers_give_identical_results(budget: int, tier: str) -> None:
+    g = torch.randn(40, 700, generator=torch.Generator().manual_seed(0))
+    ref = Projection(32, "rademacher", seed=3, memory_budget_bytes=0, tile=64)
+    pr = Projection(32, "rademacher", seed=3, memory_budget_bytes=budget, tile=64)
+    for _ in range(2):  # first call fills the cache, second reads it
+        got = pr.project(g[:, 100:], 100, 700) + pr.project(g[:, :100], 0, 700)
+        want = ref.project(g[:, 100:], 100, 700) + ref.project(g[:, :100], 0, 700)
+        assert torch.equal(got, want)
+    assert pr._dense_tier(700, g.device, g.dtype) == tier
+    assert pr._cache_bytes <= budget
+
+
 # ----------------------------------------------------------------------------- output probes
 
 
@@ -339,14 +351,10 @@ def test_fidelity_statistics_and_plot(tmp_path) -> None:
     x = torch.randn(16, 600, generator=gen, dtype=torch.float64)
     x = x + x[torch.arange(16) // 4]
     ex = cosine_gram(x)
-    reps = fidelity_curve(
-        lambda k: cosine_gram(Projection(k, seed=1).project(x, 0, 600)), ex, [256, 32, 64]
-    )
+    reps = fidelity_curve(lambda k: cosine_gram(Projection(k, seed=1).project(x, 0, 600)), ex, [256, 32, 64])
     assert [r.K for r in reps] == [32, 64, 256]
     assert reps[0].mean_abs > reps[-1].mean_abs
-    out = plot_fidelity(
-        {"rademacher": reps, "sjlt": reps[:2]}, str(tmp_path / "fid.png"), title="test"
-    )
+    out = plot_fidelity({"rademacher": reps, "sjlt": reps[:2]}, str(tmp_path / "fid.png"), title="test")
     with open(out, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(InputError):

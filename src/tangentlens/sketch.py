@@ -22,9 +22,11 @@ counter-based hash (no sequential random stream), so
 
 The hash is computed with plain integer tensor operations, so the same seed gives the same matrix on
 CPU and CUDA (``"gaussian"`` draws its blocks from seeded CPU generators, also device independent).
-``R`` is never held whole unless ``K x P`` floats fit in ``memory_budget_bytes``; then generated
-tiles are cached on first use (cache what fits, regenerate the rest: optimal for the cyclic access
-of a multi-batch pass).
+``R`` is never held whole unless it fits in ``memory_budget_bytes``: the first call for a given ``P``
+picks the densest cache form that fits the budget left -- float tiles, or for Rademacher int8 tiles
+(1 byte per entry, expanded by a cast) or packed bits (1 bit per entry, expanded by a table lookup)
+-- and otherwise regenerates every tile on every call into one reused workspace of at most
+``tile x K`` floats. All forms give bit-identical results.
 
 Kinds (``K = dim``):
 
@@ -134,6 +136,29 @@ def _sign_lut(device: torch.device, dtype: torch.dtype) -> Tensor:
     return _LUT_CACHE[key]
 
 
+def _rademacher_bytes(col_keys: Tensor, width: int, salt: int) -> Tensor:
+    """The packed +-1 matrix: ``(len(col_keys), 4 * ceil(width / 32))`` uint8, 8 signs per byte
+    (bit i of byte q of j's word w is entry (j, 32 w + 8 q + i)); one hash per 32 entries."""
+    n_words = (width + 31) // 32
+    p = col_keys.shape[0]
+    h = _word_hash(col_keys, n_words, salt)
+    h = (h - ((h >> 31) << 32)).to(torch.int32)  # same bits, signed range
+    b = h.view(torch.uint8)  # (p, 4 W) bytes
+    if sys.byteorder == "big":
+        b = b.view(p, n_words, 4).flip(-1).reshape(p, 4 * n_words)
+    return b
+
+
+def _expand_bytes(b: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """Unpack ``(p, B)`` sign bytes to a ``(p, 8 B)`` +-1 matrix (one 8-entry table row per byte)."""
+    p, nb = b.shape
+    lut = _sign_lut(b.device, dtype)
+    if out is None:
+        out = torch.empty((p, 8 * nb), dtype=dtype, device=b.device)
+    torch.index_select(lut, 0, b.reshape(-1).to(torch.int32), out=out.view(p * nb, 8))
+    return out
+
+
 def _rademacher_rows(
     col_keys: Tensor, width: int, salt: int, dtype: torch.dtype, out: Tensor | None = None
 ) -> Tensor:
@@ -143,19 +168,7 @@ def _rademacher_rows(
     reused ``(p, 32 * ceil(width / 32))`` buffer) when given: ~1-2 ns per entry on one core; a fresh
     allocation costs more than the generation itself (page faults).
     """
-    n_words = (width + 31) // 32
-    p = col_keys.shape[0]
-    h = _word_hash(col_keys, n_words, salt)
-    h = (h - ((h >> 31) << 32)).to(torch.int32)  # same bits, signed range
-    b = h.view(torch.uint8)  # (p, 4 W) bytes
-    if sys.byteorder == "big":
-        b = b.view(p, n_words, 4).flip(-1).reshape(p, 4 * n_words)
-    idx = b.reshape(-1).to(torch.int32)
-    lut = _sign_lut(h.device, dtype)
-    if out is None:
-        out = torch.empty((p, 32 * n_words), dtype=dtype, device=h.device)
-    torch.index_select(lut, 0, idx, out=out.view(p * 4 * n_words, 8))
-    return out[:, :width]
+    return _expand_bytes(_rademacher_bytes(col_keys, width, salt), dtype, out)[:, :width]
 
 
 _GAUSS_BLOCK = 64  # columns per independently seeded Gaussian block
@@ -495,7 +508,7 @@ class Projection:
         if p == 0 or n == 0:
             return out[:, : self.dim]
         if self.kind in ("rademacher", "gaussian"):
-            self._project_dense(g, offset, out)
+            self._project_dense(g, offset, out, total)
             out = out[:, : self.dim] * (1.0 / math.sqrt(self.dim))
         elif self.kind == "sjlt":
             self._project_sjlt(g, offset, out)
@@ -532,23 +545,62 @@ class Projection:
             self._work[key] = buf
         return buf[: rows * self._kpad].view(rows, self._kpad)
 
-    def _project_dense(self, g: Tensor, offset: int, out: Tensor) -> None:
+    def _dense_tier(self, total: int, device: torch.device, dtype: torch.dtype) -> str:
+        """How this matrix is cached, decided once per ``(P, device, dtype)`` from the budget left:
+        ``"full"`` (compute dtype), then for Rademacher ``"int8"`` (1 byte per entry, expanded by a
+        cast) and ``"bits"`` (1 bit per entry, expanded by a table lookup), else ``"none"``
+        (regenerated on every call into a reused workspace)."""
+        key = ("tier", total, device, dtype)
+        tier = self._cache.get(key)
+        if tier is None:
+            free = self.memory_budget_bytes - self._cache_bytes
+            entries = total * self._kpad
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if entries * itemsize <= free:
+                tier = "full"
+            elif self.kind == "rademacher" and entries <= free:
+                tier = "int8"
+            elif self.kind == "rademacher" and entries // 8 <= free:
+                tier = "bits"
+            else:
+                tier = "none"
+            self._cache[key] = tier
+        return tier
+
+    def _stored_rows(self, tier: str, j0: int, j1: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``R^T[j0:j1]`` in the cache tier's form (compute dtype, int8 +-1, or packed bytes)."""
+        if tier == "full":
+            return self._dense_rows(j0, j1, device, dtype)
+        if tier == "int8":
+            return self._dense_rows(j0, j1, device, torch.int8)
+        keys = _column_keys(j0, j1, self._words, device)
+        return _rademacher_bytes(keys, self._kpad, self._words[2])
+
+    def _project_dense(self, g: Tensor, offset: int, out: Tensor, total: int) -> None:
         p = g.shape[1]
-        itemsize = g.element_size()
+        dev, dt = g.device, g.dtype
+        tier = self._dense_tier(total, dev, dt)
         for t in range(offset // self.tile, (offset + p - 1) // self.tile + 1):
             j0 = max(offset, t * self.tile)
             j1 = min(offset + p, (t + 1) * self.tile)
-            key = ("dense", j0, j1, g.device, g.dtype)
-            rt = self._cache.get(key)
-            if rt is None:
-                nbytes = (j1 - j0) * self._kpad * itemsize
-                if self._cache_bytes + nbytes <= self.memory_budget_bytes:
-                    rt = self._dense_rows(j0, j1, g.device, g.dtype)
-                    self._cache[key] = rt
-                    self._cache_bytes += nbytes
+            key = ("dense", tier, j0, j1, dev, dt if tier == "full" else None)
+            stored = self._cache.get(key)
+            if stored is None and tier != "none":
+                per_entry = {"full": g.element_size(), "int8": 1.0, "bits": 0.125}[tier]
+                nbytes = int((j1 - j0) * self._kpad * per_entry)
+                stored = self._cached(
+                    key, lambda j0=j0, j1=j1: self._stored_rows(tier, j0, j1, dev, dt), nbytes
+                )
+            if tier == "full":
+                rt = stored
+            else:
+                ws = self._workspace(j1 - j0, dev, dt)
+                if stored is None:
+                    rt = self._dense_rows(j0, j1, dev, dt, out=ws)
+                elif tier == "int8":
+                    rt = ws.copy_(stored)
                 else:
-                    ws = self._workspace(j1 - j0, g.device, g.dtype)
-                    rt = self._dense_rows(j0, j1, g.device, g.dtype, out=ws)
+                    rt = _expand_bytes(stored, dt, out=ws)
             _addmm_(out, g[:, j0 - offset : j1 - offset], rt)
 
     # sjlt --------------------------------------------------------------------------------------
