@@ -69,6 +69,7 @@ class KernelSpec:
             method's scaling of trNTK⁰); ``None`` leaves the kernel as it is.
         projection: for projected kernels, a factory ``(seed) -> tangentlens.sketch.Projection``; the spec is
             skipped when the engine has no ``projection`` argument yet.
+        description: one line for the report.
     """
 
     name: str
@@ -76,6 +77,7 @@ class KernelSpec:
     normalize: bool | None = None
     scale: str | None = None
     projection: Callable[[int], Any] | None = None
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,18 @@ class SurrogateSpec:
         name: the label in the table's ``target`` column.
         target: ``"labels"`` (true training labels) or ``"soft"`` (the network's softmax probabilities on the
             training points: a distilled surrogate).
+        temperature: for ``"soft"``: the targets are ``softmax(logits / temperature)``; above 1 it
+            un-saturates the probabilities of a confident network, so the surrogate sees its ranking.
         solver: the :class:`~tangentlens.surrogate.KernelSurrogate` solver (``"lbfgs"`` or ``"sgd"``).
         kernels: names of the kernels to fit on; ``None`` means every kernel.
-        options: further keyword arguments of ``KernelSurrogate``.
+        options: further keyword arguments of ``KernelSurrogate`` (they override the demo's ``alpha``).
     """
 
     name: str
     target: str
     solver: str
     kernels: tuple[str, ...] | None = None
+    temperature: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,13 +116,18 @@ def _projection_factory(dim: int) -> Callable[[int], Any]:
 
 #: The kernels of the demo, in table order. trNTK first: the scatter and the gallery use it.
 KERNELS: tuple[KernelSpec, ...] = (
-    KernelSpec("trNTK", "trntk"),
-    KernelSpec("trNTK0", "trntk0", normalize=False, scale="train_std"),
-    KernelSpec("pNTK", "pntk", normalize=True),
-    KernelSpec("Em", "em"),
-    KernelSpec("CK", "ck"),
-    KernelSpec("proj-trNTK", "trntk", projection=_projection_factory(512)),
-    KernelSpec("proj-pNTK", "pntk", normalize=True, projection=_projection_factory(512)),
+    KernelSpec("trNTK", "trntk",
+               description="trace NTK: cosine of the concatenated per-class logit gradients (exact)"),
+    KernelSpec("trNTK0", "trntk0", normalize=False, scale="train_std",
+               description="unnormalized trace NTK, divided by the std of its train x train block"),
+    KernelSpec("pNTK", "pntk", normalize=True,
+               description="pseudo-NTK: cosine of the gradients of the summed logits"),
+    KernelSpec("Em", "em", description="embedding kernel: cosine of the concatenated layer outputs"),
+    KernelSpec("CK", "ck", description="conjugate kernel: cosine of the penultimate features"),
+    KernelSpec("proj-trNTK", "trntk", projection=_projection_factory(512),
+               description="trNTK of gradients projected to K = 512 (dense Rademacher, seeded)"),
+    KernelSpec("proj-pNTK", "pntk", normalize=True, projection=_projection_factory(512),
+               description="pNTK of gradients projected to K = 512 (dense Rademacher, seeded)"),
 )
 
 #: The surrogates of the demo.
@@ -125,6 +135,8 @@ SURROGATES: tuple[SurrogateSpec, ...] = (
     SurrogateSpec("labels", "labels", "lbfgs"),
     SurrogateSpec("distilled", "soft", "lbfgs"),
     SurrogateSpec("labels (SGD ref)", "labels", "sgd", kernels=("trNTK",)),
+    SurrogateSpec("distilled T=2 a=1e-6", "soft", "lbfgs", kernels=("trNTK",), temperature=2.0,
+                  options={"alpha": 1e-6}),
 )
 
 
@@ -336,7 +348,7 @@ def _fit_surrogate(
     spec: SurrogateSpec,
     k_train: np.ndarray,
     y_train: np.ndarray,
-    p_train: np.ndarray,
+    z_train: np.ndarray,
     *,
     alpha: float,
     seed: int,
@@ -344,9 +356,24 @@ def _fit_surrogate(
     """Fit one ``KernelSurrogate`` of ``spec`` on the train x train kernel."""
     from tangentlens.surrogate import KernelSurrogate
 
-    model = KernelSurrogate(solver=spec.solver, alpha=alpha, random_state=seed, **spec.options)
-    target = y_train if spec.target == "labels" else p_train
+    kwargs: dict[str, Any] = {"solver": spec.solver, "alpha": alpha, "random_state": seed}
+    kwargs.update(spec.options)
+    model = KernelSurrogate(**kwargs)
+    if spec.target == "labels":
+        target = y_train
+    elif spec.temperature == 1.0:
+        target = _softmax(z_train)
+    else:
+        target = _softmax(z_train / spec.temperature)
     return model.fit(k_train, target)
+
+
+def _describe_surrogate(spec: SurrogateSpec, alpha: float) -> str:
+    """One line for the report: solver, penalty, target and kernels of ``spec``."""
+    target = "true labels" if spec.target == "labels" else f"softmax(logits / {spec.temperature:g})"
+    kernels = ", ".join(spec.kernels) if spec.kernels else "all kernels"
+    return (f"KernelSurrogate(solver={spec.solver!r}, alpha={spec.options.get('alpha', alpha):g}) "
+            f"on {target}; {kernels}")
 
 
 def _surrogate_logits(surrogate: Any, k_test: np.ndarray) -> np.ndarray:
@@ -547,7 +574,6 @@ def _run_demo(
     with torch.no_grad():
         net_train = _to_numpy(model(data.x_train))
         net_test = _to_numpy(model(data.x_test))
-    p_train = _softmax(net_train)
     net_acc = float((net_test.argmax(1) == y_test).mean())
     print(
         f"tangentlens {__version__} demo: digits {len(y_train)} train / {len(y_test)} test, seed "
@@ -592,7 +618,7 @@ def _run_demo(
         bar.set_postfix_str(f"{kspec.name}/{sspec.name}")
         k_tr, k_te = blocks[kspec.name]
         t0 = time.perf_counter()
-        sur = _fit_surrogate(sspec, k_tr, y_train, p_train, alpha=cfg.alpha, seed=cfg.seed)
+        sur = _fit_surrogate(sspec, k_tr, y_train, net_train, alpha=cfg.alpha, seed=cfg.seed)
         fit_s = time.perf_counter() - t0
         t_fits += fit_s
         sur_test = _surrogate_logits(sur, k_te)
@@ -622,9 +648,11 @@ def _run_demo(
         series = []
         for sspec in surrogates:
             key = (main_kernel, sspec.name)
-            if key in fitted and sspec.solver == surrogates[0].solver:
+            # Same solver as the first surrogate and untempered targets: their probabilities are
+            # on the network's own scale, so the diagonal means agreement.
+            if key in fitted and sspec.solver == surrogates[0].solver and sspec.temperature == 1.0:
                 series.append((f"{sspec.name}", net_conf, _softmax(fitted[key][1])[idx, y_test]))
-        tau_txt = ", ".join(
+        tau_txt = "\n".join(
             f"τ {r['target']} = {r['tau']:.3f}"
             for r in rows
             if r["kernel"] == main_kernel and r["tau"] is not None
@@ -699,6 +727,8 @@ def _run_demo(
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "numpy": np.__version__, "scipy": scipy.__version__,
                      "scikit-learn": sklearn.__version__},
+        "kernels": {k.name: k.description or k.kind for k in specs},
+        "surrogates": {sp.name: _describe_surrogate(sp, cfg.alpha) for sp in surrogates},
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }
@@ -708,8 +738,11 @@ def _run_demo(
         "misclassification overlap |both wrong| / |either wrong|, p its binomial p-value under "
         "independence. R2: linearization R² of network logits against surrogate logits. acc: surrogate "
         "test accuracy. 'labels' surrogates are fitted on the true training labels (the reference's "
-        "target), 'distilled' on the network's softmax probabilities, 'SGD ref' with the reference's "
-        "SGDClassifier settings (seeded).",
+        "target), 'distilled' on the network's softmax probabilities (the same L-BFGS solver and "
+        "alpha), 'SGD ref' with the reference's SGDClassifier settings (seeded; its probabilities are "
+        "scikit-learn's normalized one-vs-rest sigmoids), 'distilled T=2 a=1e-6' on the network's "
+        "probabilities at temperature 2 with a 100x weaker L2 penalty. kernel s: time of the kernel's "
+        "train x train and test x train blocks (shared by its rows); fit s: time of the fit.",
         "trNTK0 is the unnormalized trace NTK divided by the standard deviation of its train x train block.",
         *notes,
     ]
