@@ -623,7 +623,7 @@ class Projection:
     ) -> None:
         """``out += g @ S[:, offset:offset+p].T`` for the CountSketch ``S`` defined by ``words``.
 
-        A row-blocked ``scatter_add_`` along the columns: each block of 32 rows is read once per
+        A row-blocked ``scatter_add_`` along the columns: each block of 16 rows is read once per
         nonzero level, contiguously, and scattered into its ``K``-wide output rows (cache-resident),
         ``O(n p s)``. Every output row is accumulated in column order whatever the batch, so rows are
         bit-identical across batch sizes on CPU (CUDA's scatter uses atomics: not bit-identical).
@@ -637,7 +637,7 @@ class Projection:
             p * s * 16,
         )
         scaled = [signs[b].to(g.dtype) * (1.0 / math.sqrt(s)) for b in range(s)]
-        block = 32
+        block = 16
         for i0 in range(0, n, block):
             i1 = min(n, i0 + block)
             for b in range(s):
