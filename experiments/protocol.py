@@ -37,6 +37,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -93,6 +94,7 @@ def run_seed(
     *,
     ksvm: bool,
     batch_size: int,
+    distill_max_iter: int = 300,
 ) -> dict[str, Any]:
     """Kernels, surrogates and metrics of one trained model."""
     xtr = torch.from_numpy(split.x_train)
@@ -125,7 +127,7 @@ def run_seed(
     t0 = time.perf_counter()
     p_tr = 1.0 / (1.0 + np.exp(-nn_train.astype(np.float64)))
     soft = np.stack([1.0 - p_tr, p_tr], axis=1)
-    dist = KernelSurrogate(solver="lbfgs", alpha=1e-4, class_weight=None)
+    dist = KernelSurrogate(solver="lbfgs", alpha=1e-4, class_weight=None, max_iter=distill_max_iter, tol=1e-5)
     dist.fit(K_tr, soft)
     z_dist = dist.decision_function(K_te)
     t["distilled"] = time.perf_counter() - t0
@@ -159,8 +161,11 @@ def summarize(setting: str, rows: list[dict[str, Any]], config: dict[str, Any]) 
     """Markdown summary: mean(SE) over seeds beside the reference numbers."""
     s = SETTINGS[setting]
     lines = [
-        f"### {setting}: {len(rows)} seeds (config: epochs={config['epochs']}, "
-        f"n_train={config['n_train']}, n_test={config['n_test']})",
+        f"### {setting}: {len(rows)} seeds (n_train={config['n_train']}, n_test={config['n_test']})",
+        "",
+        "Recipe: "
+        + ", ".join(f"{k}={v}" for k, v in config["recipe"].items())
+        + (" (the reference's)" if config.get("recipe_is_reference") else " (**not** the reference's)"),
         "",
     ]
     nn = aggregate([{"acc": r["nn_test_acc"], "train": r["nn_train_acc"]} for r in rows])
@@ -210,10 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--data", type=Path, default=ROOT / "experiments" / "data")
     ap.add_argument("--epochs", type=int, default=None, help="override the reference epochs")
+    ap.add_argument("--lr", type=float, default=None, help="override the reference learning rate")
+    ap.add_argument("--train-batch", type=int, default=None, help="override the reference batch (4)")
+    ap.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="override the optimizer")
     ap.add_argument("--group-size", type=int, default=10, help="seeds trained together (vmap)")
     ap.add_argument("--n-train-per-class", type=int, default=None, help="development only")
     ap.add_argument("--n-test-per-class", type=int, default=None, help="development only")
     ap.add_argument("--no-ksvm", action="store_true", help="skip the kernel SVM baseline")
+    ap.add_argument(
+        "--distill-max-iter", type=int, default=300, help="L-BFGS iterations of the distilled kGLM"
+    )
     ap.add_argument("--batch-size", type=int, default=256, help="kernel engine block size")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args(argv)
@@ -223,15 +234,23 @@ def main(argv: list[str] | None = None) -> int:
     s = SETTINGS[args.setting]
     split = load_split(s.data, args.data, args.n_train_per_class, args.n_test_per_class)
     epochs = args.epochs if args.epochs is not None else s.recipe.epochs
+    over = {
+        k: v
+        for k, v in (("lr", args.lr), ("batch_size", args.train_batch), ("optimizer", args.optimizer))
+        if v is not None
+    }
+    recipe = replace(s.recipe, epochs=epochs, **over)
     config = {
         "setting": args.setting,
         "epochs": epochs,
         "reference_epochs": s.recipe.epochs,
-        "recipe": s.recipe.__dict__,
+        "recipe": recipe.__dict__,
+        "recipe_is_reference": recipe == s.recipe,
         "n_train": int(len(split.y_train)),
         "n_test": int(len(split.y_test)),
         "group_size": args.group_size,
         "ksvm": not args.no_ksvm,
+        "distill_max_iter": args.distill_max_iter,
         "torch": torch.__version__,
     }
     out: Path = args.out
@@ -239,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_path = out / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
-        keys = ("setting", "epochs", "n_train", "n_test", "group_size", "ksvm")
+        keys = ("setting", "epochs", "recipe", "n_train", "n_test", "group_size", "ksvm")
         if any(old.get(k) != config[k] for k in keys):
             print(
                 f"error: {out} holds results of another configuration ({cfg_path}); pass a different --out.",
@@ -264,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             f"training {args.setting} seeds {members[0]}..{members[-1]} ({epochs} epochs)",
             flush=True,
         )
-        models, info = train_group(s.arch, members, xtr, ytr, s.recipe, epochs=epochs)
+        models, info = train_group(s.arch, members, xtr, ytr, recipe)
         config["train_seconds_last"] = info["train_seconds"]
         cfg_path.write_text(json.dumps(config, indent=1))
         for sd in todo:
@@ -275,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 split,
                 ksvm=not args.no_ksvm,
                 batch_size=args.batch_size,
+                distill_max_iter=args.distill_max_iter,
             )
             rec["train_seconds_group"] = info["train_seconds"]
             rec["group"] = members

@@ -182,6 +182,11 @@ def kernels_for(
     lab_tr: dict[str, Any] = {}
     lab_te: dict[str, Any] = {}
     k = kind
+    if kind not in ("em", "ck"):
+        # The key bias of softmax attention has an identically zero gradient (it shifts every score of
+        # a query by the same amount); leaving it out changes no kernel value and keeps the engine on
+        # its fast hook-based path (with it, the engine's consistency check falls back to torch.func).
+        kw["parameters"] = [n for n, _ in top.named_parameters() if not n.endswith("self.key.bias")]
     if kind == "em":
         kw["modules"] = [top.layer]
     elif kind == "gradcos":  # true labels everywhere: the test labels leak into the surrogate
