@@ -75,8 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 1 when the library raises a ``TangentLensError``. Bad arguments
-        exit through ``argparse`` with status 2.
+        The exit status: 0 on success, 1 when the library raises a ``TangentLensError`` or the report
+        cannot be written. Bad arguments exit through ``argparse`` with status 2.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 progress=not args.no_progress, threads=args.threads))
         except TangentLensError as exc:
             print(f"tangentlens: error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # e.g. the report folder cannot be written
+            print(f"tangentlens: error: cannot write the report: {exc}", file=sys.stderr)
             return 1
         return 0
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
