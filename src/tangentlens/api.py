@@ -571,16 +571,17 @@ def _block_features(cap: BlockCapture, order: list[str], spec: KindSpec, norm: b
     for c in cap.caps:
         mats.update(c.materialize())
     keys = order if order else list(mats)
-    G = torch.cat([mats[k] for k in keys], dim=2)  # (B, M, P)
-    B, M, _ = G.shape
-    if spec.full:
-        if norm:
-            G = G / G.norm(dim=2, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
-        return G.cpu()
-    F_ = G.reshape(B, -1)
+    return _rows(torch.cat([mats[k] for k in keys], dim=2), spec, norm)  # (B, M, P)
+
+
+def _rows(G: Tensor, spec: KindSpec, norm: bool) -> Tensor:
+    """Per-example feature rows from (B, M, D) per-probe features: (B, M, D) for the full kind, else
+    (B, M·D); optionally scaled to unit norm (per probe for the full kind)."""
+    if not spec.full:
+        G = G.reshape(G.shape[0], -1)
     if norm:
-        F_ = F_ / F_.norm(dim=1, keepdim=True).clamp_min(torch.finfo(F_.dtype).tiny)
-    return F_.cpu()
+        G = G / G.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    return G.cpu()
 
 
 def _block_projected(
@@ -623,15 +624,7 @@ def _block_projected(
             flat = pr if flat is None else flat + pr
             run = []
     parts = kron + ([flat.reshape(B, M, -1)] if flat is not None else [])
-    G = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    if spec.full:
-        if norm:
-            G = G / G.norm(dim=2, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
-        return G.cpu()
-    F_ = G.reshape(B, -1)
-    if norm:
-        F_ = F_ / F_.norm(dim=1, keepdim=True).clamp_min(torch.finfo(F_.dtype).tiny)
-    return F_.cpu()
+    return _rows(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2), spec, norm)
 
 
 def _probes_of(cap: BlockCapture) -> int:

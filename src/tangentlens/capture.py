@@ -306,20 +306,16 @@ def _to_dense(cap: OuterCap) -> DenseCap:
     return DenseCap(cap.group, cap.materialize(), shapes)
 
 
-class LinearRule(_Rule):
-    def record(self, x: Tensor) -> Tensor:
-        return x.detach().reshape(x.shape[0], -1, x.shape[-1])
+class _OuterRule(_Rule):
+    """Layers whose weight gradient is Σ_t δ_t a_tᵀ: subclasses give (a, δ) per recorded call."""
+
+    def pair(self, call: int, M: int) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def finalize(self, M: int) -> Cap:
-        dout = self.module.out_features  # type: ignore[union-attr]
-        a_parts, d_parts = [], []
-        for i, a in enumerate(self.records):
-            B, T, _ = a.shape
-            d = self.deltas(i, M, (B, T, dout), a)
-            a_parts.append(a)
-            d_parts.append(d.reshape(B, M, T, dout))
-        a = _cat(a_parts, 1)
-        d = _cat(d_parts, 2)
+        pairs = [self.pair(i, M) for i in range(len(self.records))]
+        a = _cat([p[0] for p in pairs], 1)
+        d = _cat([p[1] for p in pairs], 2)
         w = self.module.weight  # type: ignore[union-attr]
         cap = OuterCap(self.group, a, d, self.names.get("weight"), self.names.get("bias"), tuple(w.shape))
         if self.allow_dense and _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M):
@@ -327,8 +323,19 @@ class LinearRule(_Rule):
         return cap
 
 
-class ConvRule(_Rule):
-    """Conv1d/Conv2d with groups=1 and zero padding: patches via unfold."""
+class LinearRule(_OuterRule):
+    def record(self, x: Tensor) -> Tensor:
+        return x.detach().reshape(x.shape[0], -1, x.shape[-1])
+
+    def pair(self, call: int, M: int) -> tuple[Tensor, Tensor]:
+        a = self.records[call]
+        B, T, _ = a.shape
+        dout = self.module.out_features  # type: ignore[union-attr]
+        return a, self.deltas(call, M, (B, T, dout), a).reshape(B, M, T, dout)
+
+
+class ConvRule(_OuterRule):
+    """Conv1d/Conv2d with groups=1 and zero padding: patches via unfold (im2col)."""
 
     def record(self, x: Tensor) -> Tensor:
         return x.detach()
@@ -344,22 +351,12 @@ class ConvRule(_Rule):
         cols = F.unfold(x4, k, dilation=d, padding=p, stride=s)  # (B, Cin*k, L)
         return cols.transpose(1, 2)
 
-    def finalize(self, M: int) -> Cap:
+    def pair(self, call: int, M: int) -> tuple[Tensor, Tensor]:
+        a = self._unfold(self.records[call])
+        B, T, _ = a.shape
         cout = self.module.out_channels  # type: ignore[union-attr]
-        a_parts, d_parts = [], []
-        for i, x in enumerate(self.records):
-            a = self._unfold(x)
-            B, T, _ = a.shape
-            d = self.deltas(i, M, (B, cout, T), a)
-            a_parts.append(a)
-            d_parts.append(d.reshape(B, M, cout, T).transpose(2, 3))
-        a = _cat(a_parts, 1)
-        d = _cat(d_parts, 2)
-        w = self.module.weight  # type: ignore[union-attr]
-        cap = OuterCap(self.group, a, d, self.names.get("weight"), self.names.get("bias"), tuple(w.shape))
-        if self.allow_dense and _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M):
-            return _to_dense(cap)
-        return cap
+        d = self.deltas(call, M, (B, cout, T), a)
+        return a, d.reshape(B, M, cout, T).transpose(2, 3)
 
 
 class EmbeddingRule(_Rule):
