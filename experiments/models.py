@@ -43,6 +43,7 @@ __all__ = [
     "make_model",
     "train_group",
     "predict_logits",
+    "CenteredModel",
 ]
 
 
@@ -304,6 +305,27 @@ def train_group(
         m.eval()
         out_models.append(m)
     return out_models, {"train_seconds": train_s, "final_loss": last, "epochs": float(rec.epochs)}
+
+
+class CenteredModel(nn.Module):
+    """``g(x) = f(x) - f_0(x) - shift`` with ``f_0`` a frozen copy of the network at initialisation.
+
+    The FMNIST2 recipe trains ``f - f_0`` to regress the 0/1 labels, so the class-1 score of the trained
+    function is ``f - f_0 - 0.5`` (``shift=0.5``). ``f_0``'s parameters do not require gradients, so
+    kernels of ``g`` are kernels of ``f`` with respect to the trained parameters.
+    """
+
+    def __init__(self, model: nn.Module, init: nn.Module, shift: float = 0.5) -> None:
+        super().__init__()
+        self.model = model
+        self.init = init
+        self.shift = shift
+        for p in self.init.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (B, 1) centered scores."""
+        return self.model(x) - self.init(x) - self.shift
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
