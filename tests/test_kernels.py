@@ -276,3 +276,27 @@ def test_inplace_activation_after_hooked_layer() -> None:
     m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))
     x = torch.randn(5, 4)
     assert rel(tl.kernel(m, x, kind="trntk0", dtype=torch.float64), oracle_kernel(m, x, kind="trntk0")) < 1e-6
+
+
+def test_tuple_and_model_output_objects_give_their_logits() -> None:
+    base = model_of("mlp")
+    x = data("mlp", 5)
+    ref = tl.kernel(base, x, kind="trntk", dtype=torch.float64)
+
+    class Out:
+        def __init__(self, logits: torch.Tensor) -> None:
+            self.logits = logits
+            self.hidden = logits * 2
+
+    class Wrap(nn.Module):
+        def __init__(self, inner: nn.Module, how: str) -> None:
+            super().__init__()
+            self.inner, self.how = inner, how
+
+        def forward(self, x: torch.Tensor):
+            z = self.inner(x)
+            return {"tuple": (z, z.sum()), "object": Out(z), "dict": {"logits": z}}[self.how]
+
+    for how in ("tuple", "object", "dict"):
+        k = tl.kernel(Wrap(base, how), x, kind="trntk", dtype=torch.float64)
+        torch.testing.assert_close(k, ref)
