@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=10, help="seeds trained together (vmap)")
     ap.add_argument("--n-train-per-class", type=int, default=None, help="development only")
     ap.add_argument("--n-test-per-class", type=int, default=None, help="development only")
+    ap.add_argument("--shuffle", choices=("yes", "no"), default=None, help="override the recipe's shuffling")
     ap.add_argument("--no-ksvm", action="store_true", help="skip the kernel SVM baseline")
     ap.add_argument(
         "--centered-eval",
@@ -270,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.epochs if args.epochs is not None else s.recipe.epochs
     over = {
         k: v
-        for k, v in (("lr", args.lr), ("batch_size", args.train_batch), ("optimizer", args.optimizer))
+        for k, v in (
+            ("lr", args.lr),
+            ("batch_size", args.train_batch),
+            ("optimizer", args.optimizer),
+            ("shuffle", None if args.shuffle is None else args.shuffle == "yes"),
+        )
         if v is not None
     }
     recipe = replace(s.recipe, epochs=epochs, **over)
