@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         for sd in todo:
             t0 = time.perf_counter()
             net = models[members.index(sd)]
+            # the trained weights, so new surrogates can be evaluated without retraining
+            torch.save(net.state_dict(), out / f"seed_{sd:04d}_model.pt")
             if recipe.loss == "mse_centered" and args.centered_eval == "centered":
                 net = CenteredModel(net, make_model(s.arch, sd).eval()).eval()
             rec = run_seed(
