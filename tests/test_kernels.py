@@ -300,3 +300,24 @@ def test_tuple_and_model_output_objects_give_their_logits() -> None:
     for how in ("tuple", "object", "dict"):
         k = tl.kernel(Wrap(base, how), x, kind="trntk", dtype=torch.float64)
         torch.testing.assert_close(k, ref)
+
+
+def test_zero_gradient_parameter_is_not_flagged() -> None:
+    # the bias of a key projection has an exactly zero gradient (softmax is shift-invariant per query)
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = self.q(x) @ self.k(x).transpose(1, 2)
+            return self.out((s.softmax(-1) @ self.v(x)).mean(1))
+
+    torch.manual_seed(0)
+    m = Attn()
+    x = torch.randn(6, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedLayerWarning)
+        k = tl.kernel(m, x, kind="trntk0")
+    assert rel(k, oracle_kernel(m, x, kind="trntk0")) < 1e-4
