@@ -270,3 +270,25 @@ def test_se_of_reference_style_results_roundtrip():
     se = vals.std(ddof=1) / 2
     assert_allclose([agg["tau"].mean, agg["tau"].se], [vals.mean(), se])
     assert agg["tau"].format() == "0.810(9)"
+
+
+def test_drop_saturated_matches_the_reference_computation() -> None:
+    """The reference: τ between a softmax *across test points* of the surrogate logit and the network's
+    float32 sigmoid, dropping points where either is exactly 0 or 1 — a huge surrogate logit must not
+    drop points (its float64 sigmoid would saturate, the across-points softmax does not)."""
+    from scipy.stats import kendalltau
+
+    rng = np.random.default_rng(0)
+    n = 300
+    z_net = (rng.normal(size=n) * 30).astype(np.float32)  # many saturated float32 sigmoids
+    z_sur = z_net.astype(np.float64) * 3 + rng.normal(size=n) * 5  # |z| up to ~300: float64 sigmoid saturates
+    y = (z_net > 0).astype(int)
+    e = np.exp((z_sur - z_sur.max()) / 100)  # a monotone stand-in for the reference's across-points softmax
+    X = e / e.sum()
+    # the network's float32 class-1 probability, as the library computes it for one logit ([0, z])
+    Y = softmax(np.stack([np.zeros_like(z_net), z_net], 1), axis=1)[:, 1]
+    keep = ~((Y == 0) | (Y == 1) | (X == 0) | (X == 1))
+    ref = kendalltau(X[keep], Y[keep]).correlation
+    res = faithfulness(z_net, z_sur, y, tau_mode="class1", drop_saturated=True)
+    assert res.n_tau == int(keep.sum())
+    assert res.tau == pytest.approx(ref, abs=1e-12)

@@ -182,6 +182,13 @@ def _confidence(Z: np.ndarray, labels: np.ndarray, mode: str) -> np.ndarray:
     return Z[rows, labels] - logsumexp(other, axis=1)
 
 
+def _log_odds(Z: np.ndarray, labels: np.ndarray, mode: str) -> np.ndarray:
+    """Log-odds of the probability that ``_confidence`` returns for ``mode`` (rank-equivalent to it)."""
+    if mode == "class1":
+        return _confidence(Z, np.ones(Z.shape[0], dtype=np.int64), "logit")
+    return _confidence(Z, labels, "logit")
+
+
 def _r2(a: np.ndarray, b: np.ndarray) -> float:
     x = (a - a.mean(axis=1, keepdims=True)).ravel().astype(np.float64)
     y = (b - b.mean(axis=1, keepdims=True)).ravel().astype(np.float64)
@@ -213,8 +220,11 @@ def faithfulness(
       ``z_y − z_other``; for a single-logit model ``±z``). Rank-equivalent to ``"true_class"`` in
       exact arithmetic, but computed without ever saturating, so it has no float ties.
 
-    With ``drop_saturated=True`` (the reference's handling; probability modes only) points where
-    either model's τ probability is exactly 0.0 or 1.0 in its float dtype are dropped before τ.
+    With ``drop_saturated=True`` (the reference's handling; probability modes only) points where the
+    *network's* τ probability is exactly 0.0 or 1.0 in its float dtype are dropped before τ, and the
+    surrogate is ranked by the log-odds of the same probability (rank-equivalent, never saturating), as
+    the reference's softmax across test points of the surrogate logits was. A surrogate with huge logits
+    thus loses no points to its own float saturation.
 
     Accuracy, TAD, Γ and R² always use all points. Predictions are the argmax of the logits
     (``z > 0`` for single-logit models); labels are class positions ``0..C-1``.
@@ -273,10 +283,14 @@ def faithfulness(
         )
 
     an = _confidence(Zn, y, tau_mode)
-    as_ = _confidence(Zs, y, tau_mode)
     keep = np.ones(n, dtype=bool)
     if drop_saturated and tau_mode != "logit":
-        keep = (an > 0) & (an < 1) & (as_ > 0) & (as_ < 1)
+        # the reference: drop points whose *network* probability is exactly 0 or 1, and rank the
+        # surrogate by a monotone, non-saturating score of the same probability (its log-odds)
+        keep = (an > 0) & (an < 1)
+        as_ = _log_odds(Zs, y, tau_mode)
+    else:
+        as_ = _confidence(Zs, y, tau_mode)
     n_tau = int(keep.sum())
     if n_tau < 2:
         raise InputError(
