@@ -512,12 +512,17 @@ def features(
     gradient; ``kind="kronecker"`` projects Linear/Conv layers from their factors, (P_out δ)(P_in a)ᵀ summed
     over positions, never forming per-example gradients, and every other parameter with its flat fallback.
     """
-    blocks = [b for _, b in iter_features(
+    out: Tensor | None = None
+    for start, b in iter_features(
         model, inputs, kind=kind, normalize=normalize, parameters=parameters, batch_size=batch_size,
         device=device, dtype=dtype, labels=labels, probes=probes, probe_seed=probe_seed, modules=modules,
         projection=projection,
-    )]
-    return torch.cat(blocks)
+    ):
+        if out is None:  # one allocation of the result; blocks are copied in as they stream
+            out = b.new_empty((len(Source(inputs, batch_size, None, "inputs")), *b.shape[1:]))
+        out[start : start + b.shape[0]] = b
+    assert out is not None
+    return out
 
 
 def iter_features(
@@ -624,7 +629,14 @@ def _block_projected(
             flat = pr if flat is None else flat + pr
             run = []
     parts = kron + ([flat.reshape(B, M, -1)] if flat is not None else [])
-    return _rows(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2), spec, norm)
+    if len(parts) == 1:
+        return _rows(parts[0], spec, norm)
+    G = parts[0].new_empty(B, M, sum(p.shape[2] for p in parts))
+    o = 0
+    for p_ in parts:
+        G[:, :, o : o + p_.shape[2]] = p_
+        o += p_.shape[2]
+    return _rows(G, spec, norm)
 
 
 def _probes_of(cap: BlockCapture) -> int:
