@@ -161,7 +161,7 @@ class ActivationCapture:
         B = batch_size_of(x)
         self.store = {}
         with torch.no_grad():
-            logits = extract_logits(call_model(self.model, x), B)
+            extract_logits(call_model(self.model, x), B)  # validates the output
         if self.modules is None and not self.names:
             for h in self._probe_handles:
                 h.remove()
@@ -186,7 +186,7 @@ class ActivationCapture:
             if not torch.isfinite(a).all():
                 raise NonFiniteError(f"NaN or infinite activations in module {n!r}.")
             caps.append(DenseCap(n, {n: a[:, None, :]}, {n: (a.shape[1],)}))
-        return BlockCapture(caps, B, logits)
+        return BlockCapture(caps, B)
 
 
 def _first_tensor(o: Any) -> Tensor:

@@ -222,7 +222,6 @@ class BlockCapture:
 
     caps: list[Cap]
     size: int
-    logits: Tensor
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.caps)
@@ -677,7 +676,7 @@ class GradientCapture:
             if self._fallback is None:
                 self._fallback = Fallback(self.model, {n: self.params[n] for n in self.fallback_names})
             caps.append(self._fallback(x, V))
-        return BlockCapture(caps, B, logits.detach())
+        return BlockCapture(caps, B)
 
     def _verify(self, caps: list[Cap], ref: dict[str, Tensor]) -> list[_Rule]:
         bad: list[_Rule] = []

@@ -170,15 +170,6 @@ class Source:
             return rest, torch.as_tensor(batch["labels"])
         return batch, None
 
-    @property
-    def has_labels(self) -> bool:
-        if self._y is not None:
-            return True
-        if self._loader is not None:
-            first = next(iter(self._loader))
-            return self._split(first)[1] is not None
-        return False
-
     def __len__(self) -> int:
         return self.n
 
