@@ -43,35 +43,36 @@ def cast(x):
     return x.double() if x.is_floating_point() else x
 
 
-def jacobians(model: nn.Module, x, names: list[str] | None = None) -> Tensor:
-    """J of shape (N, C, P) in float64, parameters in named_parameters order (or ``names``)."""
+def _setup(model: nn.Module, x, names: list[str] | None):
+    """A float64 eval-mode copy of the model, its selected parameters, and the float64 inputs."""
     m = to64(model)
     params = dict(m.named_parameters())
-    sel = [params[n] for n in (names or list(params))]
     for p in m.parameters():
         p.requires_grad_(True)
-    x = cast(x)
+    return m, [params[n] for n in (names or list(params))], cast(x)
+
+
+def _flat(gs, sel) -> Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, sel)])
+
+
+def jacobians(model: nn.Module, x, names: list[str] | None = None) -> Tensor:
+    """J of shape (N, C, P) in float64, parameters in named_parameters order (or ``names``)."""
+    m, sel, x = _setup(model, x, names)
     rows = []
     for i in range(_n(x)):
         out = _call(m, _row(x, i))[0]
         per_c = []
         for c in range(out.shape[0]):
             gs = torch.autograd.grad(out[c], sel, retain_graph=True, allow_unused=True)
-            per_c.append(torch.cat([
-                (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, sel)
-            ]))
+            per_c.append(_flat(gs, sel))
         rows.append(torch.stack(per_c))
     return torch.stack(rows)
 
 
 def loss_grads(model: nn.Module, x, y: Tensor, names: list[str] | None = None) -> Tensor:
     """Per-example gradients of cross-entropy (BCE-with-logits for one logit), float64, (N, P)."""
-    m = to64(model)
-    params = dict(m.named_parameters())
-    sel = [params[n] for n in (names or list(params))]
-    for p in m.parameters():
-        p.requires_grad_(True)
-    x = cast(x)
+    m, sel, x = _setup(model, x, names)
     rows = []
     for i in range(_n(x)):
         out = _call(m, _row(x, i))
@@ -80,8 +81,7 @@ def loss_grads(model: nn.Module, x, y: Tensor, names: list[str] | None = None) -
         else:
             loss = nn.functional.cross_entropy(out, y[i : i + 1].long())
         gs = torch.autograd.grad(loss, sel, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                               for g, p in zip(gs, sel)]))
+        rows.append(_flat(gs, sel))
     return torch.stack(rows)
 
 
