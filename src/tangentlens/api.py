@@ -249,11 +249,18 @@ class _Engine:
             self.grads.__exit__()
 
 
-def _validate_common(kind: str, batch_size: int) -> KindSpec:
+def _validate_common(
+    kind: str, batch_size: int, normalize: bool | None, probes: int | Tensor | None
+) -> tuple[KindSpec, bool]:
+    """Check the arguments shared by :func:`kernel` and :func:`iter_features`; return (spec, normalize)."""
     spec = kind_spec(kind)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer; got {batch_size!r}.")
-    return spec
+    if probes is not None and (spec.full or spec.probes in ("loss", "none")):
+        raise InputError(
+            f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}."
+        )
+    return spec, spec.normalize if normalize is None else bool(normalize)
 
 
 def _labels_mode(labels: LabelSpec) -> tuple[Any, bool]:
@@ -338,12 +345,7 @@ def kernel(
     Raises:
         UnknownKindError, InputError, ModelOutputError, ParameterSelectionError, NonFiniteError.
     """
-    spec = _validate_common(kind, batch_size)
-    norm = spec.normalize if normalize is None else bool(normalize)
-    if probes is not None and (spec.full or spec.probes in ("loss", "none")):
-        raise InputError(
-            f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}."
-        )
+    spec, norm = _validate_common(kind, batch_size, normalize, probes)
     if projection is not None:
         return _projected_kernel(
             model, inputs, other, spec=spec, norm=norm, parameters=parameters, batch_size=batch_size,
@@ -542,12 +544,7 @@ def iter_features(
     projection: Projection | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """Stream :func:`features` as ``(start_row, block)`` pairs (blocks on the CPU)."""
-    spec = _validate_common(kind, batch_size)
-    norm = spec.normalize if normalize is None else bool(normalize)
-    if probes is not None and (spec.full or spec.probes in ("loss", "none")):
-        raise InputError(
-            f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}."
-        )
+    spec, norm = _validate_common(kind, batch_size, normalize, probes)
     if projection is not None and spec.probes == "none":
         raise InputError(f"projection= applies to gradient kernels, not {spec.name!r}.")
     lab, pred = _labels_mode(labels)
@@ -658,8 +655,6 @@ def _projected_kernel(
     **kw: Any,
 ) -> Tensor:
     """Kernel of projected features: Φ1 Φ2ᵀ, cosine-normalized on request (proj-trNTK, proj-pNTK)."""
-    if spec.probes == "none":
-        raise InputError(f"projection= applies to gradient kernels, not {spec.name!r}.")
     if by_layer:
         raise InputError("by_layer=True is not available with a projection (features mix the layers).")
     other_labels = kw.pop("other_labels")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,12 +88,7 @@ def scatter(
     ax.set_ylim(lo - 0.02, hi + 0.02)
     if correct is not None or series:
         ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def gallery(
@@ -178,12 +174,7 @@ def gallery(
             ax.set_title(cap, fontsize=7, color=colour)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def _as_images(a: np.ndarray, ndim: int, name: str) -> np.ndarray:
@@ -193,3 +184,13 @@ def _as_images(a: np.ndarray, ndim: int, name: str) -> np.ndarray:
     if a.ndim != ndim:
         raise InputError(f"{name} must have {ndim} axes (images last, H x W), got shape {a.shape}.")
     return a
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; return its path."""
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    _pyplot().close(fig)
+    return out
