@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -202,6 +204,7 @@ def train_group(
     epochs: int | None = None,
     progress: bool = True,
     on_epoch: Callable[[int, Callable[[torch.Tensor], torch.Tensor]], None] | None = None,
+    checkpoint: Path | None = None,
 ) -> tuple[list[nn.Module], dict[str, float]]:
     """Train one model per seed, vectorized over the seeds.
 
@@ -215,6 +218,12 @@ def train_group(
         progress: print one line per epoch.
         on_epoch: called after every epoch with (epoch, predict) where ``predict(x)`` returns the
             current (S, N) logits of all models (no gradients), e.g. to log test accuracy.
+        checkpoint: file that holds the training state (stacked parameters, optimizer state, every
+            model's shuffling-generator state, epochs done). Written atomically after every epoch; if it
+            exists when training starts, training resumes from it, so an interrupted run continues
+            where it stopped and gives the same models bit for bit. A checkpoint of other seeds, data
+            size or recipe raises ``ValueError``; one that has all epochs returns the trained models at
+            once; a longer ``epochs`` continues training from it.
 
     Returns:
         The trained models (eval mode, CPU) and ``{"train_seconds": ..., "final_loss": ...}``.
@@ -254,9 +263,34 @@ def train_group(
     s_count = len(seeds)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     yf = y.to(torch.float32)
-    t0 = time.perf_counter()
-    last = float("nan")
-    for ep in range(rec.epochs):
+    # the epoch budget is not part of a run's identity: the first k epochs do not depend on it
+    ident = {
+        "seeds": [int(s) for s in seeds],
+        "n": int(n),
+        "arch": arch,
+        "recipe": asdict(rec) | {"epochs": None},
+    }
+    start_epoch, done_s, last = 0, 0.0, float("nan")
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["ident"] != ident:
+            raise ValueError(
+                f"checkpoint {checkpoint} belongs to another run ({state['ident']}), not {ident}; "
+                "remove it or choose another output folder."
+            )
+        if state["epoch"] > rec.epochs:
+            raise ValueError(f"checkpoint {checkpoint} is past epoch {rec.epochs} (at {state['epoch']}).")
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(state["params"][k])
+        opt.load_state_dict(state["opt"])
+        for g, gs in zip(gens, state["gens"]):
+            g.set_state(gs)
+        start_epoch, done_s, last = state["epoch"], state["train_seconds"], state["loss"]
+        if progress:
+            print(f"  [{arch} seeds {seeds[0]}..{seeds[-1]}] resumed after epoch {start_epoch}", flush=True)
+    t0 = time.perf_counter() - done_s
+    for ep in range(start_epoch, rec.epochs):
         if rec.shuffle:
             order = torch.stack([torch.randperm(n, generator=g) for g in gens])  # (S, N)
         else:
@@ -288,6 +322,19 @@ def train_group(
                     return vf(params, buffers, xs)[..., 0]
 
             on_epoch(ep + 1, predict)
+        if checkpoint is not None:
+            _save_atomic(
+                {
+                    "ident": ident,
+                    "epoch": ep + 1,
+                    "params": {k: v.detach() for k, v in params.items()},
+                    "opt": opt.state_dict(),
+                    "gens": [g.get_state() for g in gens],
+                    "train_seconds": time.perf_counter() - t0,
+                    "loss": last,
+                },
+                Path(checkpoint),
+            )
         if progress:
             el = time.perf_counter() - t0
             print(
@@ -305,6 +352,13 @@ def train_group(
         m.eval()
         out_models.append(m)
     return out_models, {"train_seconds": train_s, "final_loss": last, "epochs": float(rec.epochs)}
+
+
+def _save_atomic(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 class CenteredModel(nn.Module):

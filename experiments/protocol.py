@@ -13,7 +13,9 @@ For every seed: train the reference model (``experiments/models.py``), compute t
 and score each with :func:`tangentlens.faithfulness.faithfulness` in the reference mode (Kendall τ-b on
 the class-1 probability, saturated float32 probabilities dropped) plus the true-class τ, TAD, the
 misclassification overlap Γ and its binomial p-value. One JSON per seed (``seed_0007.json``) makes runs
-resumable: seeds with a result are skipped. The summary (mean ± standard error over seeds, beside the
+resumable: seeds with a result are skipped, and a group's training state is checkpointed after every
+epoch (``group_0000.ckpt``), so a long training run interrupted mid-way continues where it stopped. The
+summary (mean ± standard error over seeds, beside the
 reference's numbers) is printed and written to ``summary.md``.
 
 Usage::
@@ -324,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             f"training {args.setting} seeds {members[0]}..{members[-1]} ({epochs} epochs)",
             flush=True,
         )
-        models, info = train_group(s.arch, members, xtr, ytr, recipe)
+        # per-epoch checkpoint: an interrupted run resumes where it stopped (same models bit for bit)
+        models, info = train_group(s.arch, members, xtr, ytr, recipe, checkpoint=out / f"group_{gi:04d}.ckpt")
         config["train_seconds_last"] = info["train_seconds"]
         cfg_path.write_text(json.dumps(config, indent=1))
         for sd in todo:

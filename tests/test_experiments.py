@@ -1,0 +1,63 @@
+"""The experiment scripts' training code: reference models and seed-vectorized, resumable training."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+from models import SETTINGS, make_model, train_group  # noqa: E402
+
+
+def _data(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.arange(n) % 2
+
+
+def test_reference_parameter_counts() -> None:
+    assert sum(p.numel() for p in make_model("mlp", 0).parameters()) == 98_801
+    assert sum(p.numel() for p in make_model("cnn", 0).parameters()) == 39_081
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_group_training_equals_one_model_at_a_time(arch: str) -> None:
+    x, y = _data()
+    rec = replace(SETTINGS[f"mnist2-{arch}"].recipe, epochs=2, batch_size=4, lr=0.05)
+    group, _ = train_group(arch, [3, 5], x, y, rec, progress=False)
+    alone, _ = train_group(arch, [5], x, y, rec, progress=False)
+    for (k, a), b in zip(group[1].state_dict().items(), alone[0].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_interrupted_training_resumes_bit_for_bit(tmp_path: Path, optimizer: str) -> None:
+    x, y = _data()
+    rec = replace(SETTINGS["mnist2-mlp"].recipe, epochs=3, batch_size=4, lr=0.01, optimizer=optimizer)
+    straight, _ = train_group("mlp", [0, 1], x, y, rec, progress=False)
+    ck = tmp_path / "group.ckpt"
+    train_group("mlp", [0, 1], x, y, rec, epochs=1, progress=False, checkpoint=ck)  # "interrupted"
+    assert torch.load(ck, weights_only=False)["epoch"] == 1
+    resumed, info = train_group("mlp", [0, 1], x, y, rec, progress=False, checkpoint=ck)
+    assert torch.load(ck, weights_only=False)["epoch"] == 3
+    for m1, m2 in zip(straight, resumed):
+        for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+            assert torch.equal(a, b)
+    # a finished checkpoint returns the trained models without training again
+    again, _ = train_group("mlp", [0, 1], x, y, rec, progress=False, checkpoint=ck)
+    for a, b in zip(again[0].state_dict().values(), resumed[0].state_dict().values()):
+        assert torch.equal(a, b)
+    assert not (tmp_path / "group.ckpt.tmp").exists()
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
+    x, y = _data()
+    rec = replace(SETTINGS["mnist2-mlp"].recipe, epochs=1, batch_size=4)
+    ck = tmp_path / "group.ckpt"
+    train_group("mlp", [0, 1], x, y, rec, progress=False, checkpoint=ck)
+    with pytest.raises(ValueError, match="another run"):
+        train_group("mlp", [0, 2], x, y, rec, progress=False, checkpoint=ck)
