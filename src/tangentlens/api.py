@@ -9,6 +9,7 @@ while they fit ``cache_bytes`` and recomputed per block otherwise.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -30,7 +31,18 @@ from .model import (
 )
 from .sketch import Projection, output_probes
 
-DEFAULT_CACHE_BYTES = 2 * 2**30
+DEFAULT_CACHE_BYTES: int | None = None  # None: a third of the memory available when the call starts
+
+
+def _cache_budget(cache_bytes: int | None) -> int:
+    """Resolve ``cache_bytes``: None means a third of the currently available physical memory (≥ 256 MiB)."""
+    if cache_bytes is not None:
+        return int(cache_bytes)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+        avail = 6 * 2**30
+    return max(avail // 3, 2**28)
 
 LabelSpec = Any  # tensor-like labels, or the string "predicted"
 
@@ -288,7 +300,7 @@ def kernel(
     probe_seed: int = 0,
     modules: Sequence[str | nn.Module] | None = None,
     by_layer: bool = False,
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    cache_bytes: int | None = DEFAULT_CACHE_BYTES,
     projection: Projection | None = None,
 ) -> Tensor | dict[str, Tensor]:
     r"""Empirical kernel of a trained network between ``inputs`` and ``other`` (or ``inputs`` itself).
@@ -329,7 +341,9 @@ def kernel(
         probe_seed: seed of the Rademacher probes.
         modules: modules for ``"em"``.
         by_layer: return ``{layer group: unnormalized kernel}`` whose sum is the unnormalized kernel.
-        cache_bytes: cache captures of ``other`` up to this many bytes (else recompute them per block).
+        cache_bytes: keep the captures of ``other`` (or of ``inputs`` for a symmetric kernel) in memory up
+            to this many bytes, else recompute them per block; None (default) allows a third of the
+            physical memory available at the call.
         projection: a :class:`tangentlens.sketch.Projection` R (K×P): the kernel of projected features
             φ_c(x) = R g_c(x), one R shared by every class and normalized *after* summing over classes —
             ``kind="trntk"`` gives proj-trNTK, ``kind="pntk", normalize=True`` proj-pNTK. Projected
@@ -379,7 +393,7 @@ def kernel(
                 probe_seed=probe_seed, predicted=predicted, modules=modules,
             )
             try:
-                return _assemble(eng, src1, src2, spec, norm, by_layer, cache_bytes)
+                return _assemble(eng, src1, src2, spec, norm, by_layer, _cache_budget(cache_bytes))
             finally:
                 eng.close()
 
@@ -428,22 +442,31 @@ def _assemble(
         return (d if full else d.sum(1)).cpu()
 
     if src2 is None:
+        d_list: list[Tensor] = []
+
+        def self_block(si: int, ci: BlockCapture) -> None:
+            # the diagonal comes from the block's own Gram: no separate pass over the captures
+            g = block_gram(ci, ci, full, by_layer)
+            t = sum(g.values()) if isinstance(g, dict) else g
+            d = torch.diagonal(torch.diagonal(t, 0, 0, 1), 0, 0, 1) if full else torch.diagonal(t)
+            d_list.append(d.cpu().clone())
+            put(si, si, g, True)
+
         first = _iter_caps(eng, src1)
         s0, c0 = next(first)
         n_blocks = math.ceil(n1 / max(c0.size, 1))
         cache = c0.nbytes() * n_blocks <= cache_bytes
-        d_list: list[Tensor] = []
         if cache:
             caps = [(s0, c0)] + list(first)
             for i, (si, ci) in enumerate(caps):
-                d_list.append(sq(ci))
-                for sj, cj in caps[i:]:
+                self_block(si, ci)
+                for sj, cj in caps[i + 1 :]:
                     put(si, sj, block_gram(ci, cj, full, by_layer), True)
         else:
-            del first
+            del first, c0
             for si, ci in _iter_caps(eng, src1):
-                d_list.append(sq(ci))
-                for sj, cj in _iter_caps(eng, src1, skip_before=si):
+                self_block(si, ci)
+                for sj, cj in _iter_caps(eng, src1, skip_before=si + ci.size):
                     put(si, sj, block_gram(ci, cj, full, by_layer), True)
         diag1 = diag2 = torch.cat(d_list)
     else:

@@ -201,7 +201,8 @@ class DenseCap:
         return out
 
     def sqnorms(self) -> Tensor:
-        return sum((g**2).sum(-1) for g in self.grads.values())  # type: ignore[return-value]
+        # a batched dot product: one pass over the (large) gradients, no squared copy
+        return sum(torch.linalg.vecdot(g, g) for g in self.grads.values())  # type: ignore[return-value]
 
     def materialize(self) -> dict[str, Tensor]:
         return dict(self.grads)
