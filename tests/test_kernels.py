@@ -209,6 +209,16 @@ def test_batch_size_invariance_and_input_forms() -> None:
     torch.testing.assert_close(recomputed, cross)
     sym_recomputed = tl.kernel(m, x, kind="trntk", dtype=torch.float64, batch_size=3, cache_bytes=0)
     torch.testing.assert_close(sym_recomputed, ref)
+    # the default cache budget follows the free memory; an explicit budget is taken as given
+    from tangentlens.api import _cache_budget
+
+    assert _cache_budget(None) >= 2**28 and _cache_budget(12345) == 12345
+    full = tl.kernel(m, x, kind="entk", dtype=torch.float64, batch_size=3, normalize=True)
+    full0 = tl.kernel(m, x, kind="entk", dtype=torch.float64, batch_size=3, normalize=True, cache_bytes=0)
+    torch.testing.assert_close(full0, full)
+    idx = torch.arange(10)
+    torch.testing.assert_close(full[idx, idx][:, torch.arange(3), torch.arange(3)], torch.ones(10, 3,
+                               dtype=torch.float64))
 
 
 def test_embedding_and_conjugate_kernels() -> None:
