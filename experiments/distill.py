@@ -1,7 +1,7 @@
 """Distilled surrogates on the trained models of a protocol run: how faithful can a kernel machine on the
 exact trNTK be when it is fit to the network's own outputs?
 
-For each seed of ``--run`` (a directory written by ``protocol.py``; MNIST2 MLP), reload the trained model,
+For each seed of ``--run`` (a directory written by ``protocol.py``, any setting), reload the trained model,
 recompute the exact trNTK blocks and fit
 * ``ridge``: kernel ridge regression on the network's logits (``KernelRidgeSurrogate``, alpha 1e-3);
 * ``lbfgs-1e-6``: the multinomial kGLM on the network's soft outputs, alpha 1e-6 (first ``--lbfgs-seeds``),
@@ -13,6 +13,7 @@ and score τ in the reference's mode (class-1 probability, network-saturated poi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from protocol import load_split  # noqa: E402
 
-from models import make_model, predict_logits  # noqa: E402
+from models import SETTINGS, CenteredModel, make_model, predict_logits  # noqa: E402
 from tangentlens import KernelRidgeSurrogate, KernelSurrogate, aggregate, faithfulness, kernel  # noqa: E402
 from tangentlens.faithfulness import format_mean_se  # noqa: E402
 
@@ -39,17 +40,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    split = load_split("mnist2", a.data, None, None)
+    cfg = json.loads((a.run / "config.json").read_text())
+    setting = SETTINGS[cfg["setting"]]
+    split = load_split(setting.data, a.data, None, None)
     xtr, xte = torch.from_numpy(split.x_train), torch.from_numpy(split.x_test)
     results: dict[str, list] = {"ridge": [], "lbfgs-1e-6": []}
     for seed in range(a.seeds):
-        m = make_model("mlp", seed)
+        m = make_model(setting.arch, seed)
         m.load_state_dict(torch.load(a.run / f"seed_{seed:04d}_model.pt"))
         m.eval()
+        if cfg.get("centered_eval") == "centered":  # as protocol.py scored it
+            m = CenteredModel(m, make_model(setting.arch, seed).eval()).eval()
         ntr = predict_logits(m, xtr).numpy().astype(np.float64)
         nte = predict_logits(m, xte).numpy().astype(np.float32)
-        Ktr = kernel(m, xtr, kind="trntk", batch_size=1000).numpy()
-        Kte = kernel(m, xte, xtr, kind="trntk", batch_size=1000).numpy()
+        bs = 1000 if setting.arch == "mlp" else 256
+        Ktr = kernel(m, xtr, kind="trntk", batch_size=bs).numpy()
+        Kte = kernel(m, xte, xtr, kind="trntk", batch_size=bs).numpy()
         fits = [("ridge", KernelRidgeSurrogate(alpha=1e-3), np.stack([np.zeros_like(ntr), ntr], 1))]
         if seed < a.lbfgs_seeds:
             p = 1 / (1 + np.exp(-ntr))
