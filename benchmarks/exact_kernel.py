@@ -2,7 +2,8 @@
 
 Runs both in one process on the method's MNIST MLP (784-100-100-100-10) and a small CNN (MNIST-sized
 inputs), checks they give the same kernel, prints times and ratios, and measures the peak resident memory
-of the MLP's exact trNTK at a larger N in a fresh subprocess.
+of the MLP's exact trNTK at a larger N in a fresh subprocess. ``--pair`` also times the two blocks a
+surrogate needs, K(train, train) and K(test, train), as two ``kernel`` calls vs one ``train_test_kernels``.
 
     python benchmarks/exact_kernel.py                # N = 2,000 and the N = 10,000 memory check
     python benchmarks/exact_kernel.py --n 500 --mem-n 2000   # quick
@@ -96,6 +97,23 @@ def bench(name: str, model: nn.Module, n: int) -> dict:
     return row
 
 
+def bench_pair(name: str, model: nn.Module, n: int, t: int) -> dict:
+    x = data(n + t)
+    xtr, xte = x[:n], x[n:]
+    tl.kernel(model, x[:64], kind="trntk")  # warm-up
+    t0 = time.perf_counter()
+    a_tr = tl.kernel(model, xtr, kind="trntk", batch_size=500)
+    a_te = tl.kernel(model, xte, xtr, kind="trntk", batch_size=500)
+    t_two = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b_tr, b_te = tl.train_test_kernels(model, xtr, xte, kind="trntk", batch_size=500)
+    t_one = time.perf_counter() - t0
+    err = max(float((a_tr - b_tr).abs().max()), float((a_te - b_te).abs().max()))
+    print(f"{name:6s} train {n} / test {t}: two kernel calls {t_two:7.2f} s | train_test_kernels "
+          f"{t_one:7.2f} s | speed-up {t_two / t_one:5.2f}x | max |diff| {err:.1e}", flush=True)
+    return dict(model=name, n_train=n, n_test=t, two_calls_s=t_two, pair_s=t_one, max_abs_diff=err)
+
+
 def _hwm() -> int:
     """Peak resident set size of this process in bytes (VmHWM; not inherited across exec)."""
     with open("/proc/self/status") as f:
@@ -133,12 +151,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--mem-n", type=int, default=10000)
     ap.add_argument("--mem-child", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--pair", type=int, nargs=2, metavar=("N_TRAIN", "N_TEST"), default=None,
+                    help="only time train_test_kernels against two kernel calls")
     a = ap.parse_args()
     if a.mem_child:
         _mem_child(a.mem_child)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
+    if a.pair:
+        for name, model in (("MLP", mnist_mlp()), ("CNN", small_cnn()), ("CNN-c", conv_heavy_cnn())):
+            bench_pair(name, model, *a.pair)
+        return
     if a.mem_n:
         memory(a.mem_n)
     bench("MLP", mnist_mlp(), a.n)

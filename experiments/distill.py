@@ -27,7 +27,13 @@ import torch  # noqa: E402
 from protocol import load_split  # noqa: E402
 
 from models import SETTINGS, CenteredModel, make_model, predict_logits  # noqa: E402
-from tangentlens import KernelRidgeSurrogate, KernelSurrogate, aggregate, faithfulness, kernel  # noqa: E402
+from tangentlens import (  # noqa: E402
+    KernelRidgeSurrogate,
+    KernelSurrogate,
+    aggregate,
+    faithfulness,
+    train_test_kernels,
+)
 from tangentlens.faithfulness import format_mean_se  # noqa: E402
 
 
@@ -54,8 +60,7 @@ def main() -> None:
         ntr = predict_logits(m, xtr).numpy().astype(np.float64)
         nte = predict_logits(m, xte).numpy().astype(np.float32)
         bs = 1000 if setting.arch == "mlp" else 256
-        Ktr = kernel(m, xtr, kind="trntk", batch_size=bs).numpy()
-        Kte = kernel(m, xte, xtr, kind="trntk", batch_size=bs).numpy()
+        Ktr, Kte = (k.numpy() for k in train_test_kernels(m, xtr, xte, kind="trntk", batch_size=bs))
         fits = [("ridge", KernelRidgeSurrogate(alpha=1e-3), np.stack([np.zeros_like(ntr), ntr], 1))]
         if seed < a.lbfgs_seeds:
             p = 1 / (1 + np.exp(-ntr))

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import SETTINGS, CenteredModel, make_model, predict_logits, train_group  # noqa: E402
-from tangentlens.api import kernel  # noqa: E402
+from tangentlens.api import train_test_kernels  # noqa: E402
 from tangentlens.datasets.idx import load_idx_pair  # noqa: E402
 from tangentlens.datasets.splits import REFERENCE_SIZES, binary_split  # noqa: E402
 from tangentlens.faithfulness import (  # noqa: E402
@@ -134,11 +134,8 @@ def run_seed(
     rec["nn_test_saturated"] = float(np.mean(np.isin(1 / (1 + np.exp(-nn_test)), (0.0, 1.0))))
 
     t0 = time.perf_counter()
-    K_tr = kernel(model, xtr, kind="trntk", batch_size=batch_size).numpy()
-    t["kernel_train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    K_te = kernel(model, xte, xtr, kind="trntk", batch_size=batch_size).numpy()
-    t["kernel_test"] = time.perf_counter() - t0
+    K_tr, K_te = (k.numpy() for k in train_test_kernels(model, xtr, xte, kind="trntk", batch_size=batch_size))
+    t["kernels"] = time.perf_counter() - t0  # train x train and test x train, one capture per example
 
     t0 = time.perf_counter()
     kglm = KernelSurrogate(solver="sgd", alpha=1e-4, class_weight="balanced", random_state=seed)

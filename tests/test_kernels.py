@@ -73,6 +73,55 @@ def test_gradcos_matches_oracle(arch: str) -> None:
     assert rel(k, ref) <= 1e-6
 
 
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cache", [None, 0])
+def test_train_test_kernels_match_oracle(arch: str, kind: str, cache: int | None) -> None:
+    m = model_of(arch)
+    K_tr, K_te = quiet(
+        tl.train_test_kernels, m, data(arch, 7, 0), data(arch, 5, 1), kind=kind, dtype=torch.float64,
+        batch_size=3, cache_bytes=cache,
+    )
+    J_tr, J_te = jac(arch, 7, 0), jac(arch, 5, 1)
+    assert rel(K_tr, kernel_from_jacobians(J_tr, J_tr, kind)) <= 1e-6
+    assert rel(K_te, kernel_from_jacobians(J_te, J_tr, kind)) <= 1e-6
+
+
+def test_train_test_kernels_equal_two_kernel_calls() -> None:
+    m = model_of("cnn")
+    x_tr, x_te = data("cnn", 9, 0), data("cnn", 4, 1)
+    y_tr, y_te = torch.arange(9) % 3, torch.arange(4) % 3
+    for kw in ({"kind": "trntk"}, {"kind": "entk", "normalize": True}, {"kind": "pntk", "normalize": True},
+               {"kind": "ck"}):
+        K_tr, K_te = tl.train_test_kernels(m, x_tr, x_te, batch_size=4, **kw)
+        torch.testing.assert_close(K_tr, tl.kernel(m, x_tr, batch_size=4, **kw))
+        torch.testing.assert_close(K_te, tl.kernel(m, x_te, x_tr, batch_size=4, **kw))
+    # layer kernels
+    L_tr, L_te = tl.train_test_kernels(m, x_tr, x_te, kind="trntk0", by_layer=True, dtype=torch.float64)
+    ref_te = tl.kernel(m, x_te, x_tr, kind="trntk0", by_layer=True, dtype=torch.float64)
+    assert L_te.keys() == ref_te.keys()
+    for k in ref_te:
+        torch.testing.assert_close(L_te[k], ref_te[k])
+    torch.testing.assert_close(sum(L_tr.values()), tl.kernel(m, x_tr, kind="trntk0", dtype=torch.float64))
+    # loss gradients: predicted labels on both sides, or true labels (which leak, and are warned about)
+    K_tr, K_te = tl.train_test_kernels(m, x_tr, x_te, kind="gradcos", labels="predicted",
+                                       test_labels="predicted", dtype=torch.float64)
+    torch.testing.assert_close(K_te, tl.kernel(m, x_te, x_tr, kind="gradcos", labels="predicted",
+                                               other_labels="predicted", dtype=torch.float64))
+    with pytest.warns(UserWarning, match="leaks"):
+        K_tr, K_te = tl.train_test_kernels(m, x_tr, x_te, kind="gradcos", labels=y_tr, test_labels=y_te,
+                                           dtype=torch.float64)
+    torch.testing.assert_close(K_te, oracle_kernel(m, x_te, x_tr, kind="gradcos", y1=y_te, y2=y_tr))
+    with pytest.raises(tl.InputError, match="predicted"):
+        tl.train_test_kernels(m, x_tr, x_te, kind="gradcos", labels=y_tr, test_labels="predicted")
+    # projected kernels: the same projection on both sides
+    P = tl.Projection(64, seed=3)
+    K_tr, K_te = tl.train_test_kernels(m, x_tr, x_te, kind="trntk", projection=P)
+    torch.testing.assert_close(K_te, tl.kernel(m, x_te, x_tr, kind="trntk", projection=P))
+    torch.testing.assert_close(K_tr, tl.kernel(m, x_tr, kind="trntk", projection=P))
+    assert torch.equal(K_tr.diagonal(), torch.ones(9))
+
+
 def test_gradcos_predicted_labels_and_pairs() -> None:
     m = model_of("mlp")
     x = data("mlp", 8)

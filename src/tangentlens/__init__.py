@@ -1,11 +1,12 @@
 """tangentlens: explain neural networks with empirical neural tangent kernel surrogates.
 
-Functional core: :func:`kernel`, :func:`features`, :func:`iter_features` (and :class:`Projection` for the
-projected variants). Surrogates: :class:`KernelSurrogate` and its baselines. Faithfulness:
-:func:`faithfulness`, :func:`aggregate`. Explanations: :func:`explain`, :func:`most_similar`.
+Functional core: :func:`kernel`, :func:`train_test_kernels`, :func:`features`, :func:`iter_features`
+(and :class:`Projection` for the projected variants). Surrogates: :class:`KernelSurrogate` and its
+baselines. Faithfulness: :func:`faithfulness`, :func:`aggregate`. Explanations: :func:`explain`,
+:func:`most_similar`.
 """
 
-from .api import available_kinds, features, iter_features, kernel
+from .api import available_kinds, features, iter_features, kernel, train_test_kernels
 from .errors import (
     InputError,
     ModelOutputError,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "kernel",
+    "train_test_kernels",
     "features",
     "iter_features",
     "available_kinds",

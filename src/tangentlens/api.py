@@ -12,6 +12,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -383,17 +384,121 @@ def kernel(
     predicted = pred1 or (pred2 and src2 is not None)
     if spec.name == "gradcos" and pred1 != (pred2 if src2 is not None else pred1):
         raise InputError("Use labels='predicted' for both inputs and other, or true labels for both.")
+    with _engine(
+        model, spec, parameters=parameters, device=device, dtype=dtype, probes=probes, probe_seed=probe_seed,
+        predicted=predicted, modules=modules,
+    ) as eng:
+        return _assemble(eng, src1, src2, spec, norm, by_layer, _cache_budget(cache_bytes))
+
+
+def train_test_kernels(
+    model: nn.Module,
+    train: Any,
+    test: Any,
+    *,
+    kind: str = "trntk",
+    normalize: bool | None = None,
+    parameters: ParameterSpec = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    labels: LabelSpec = None,
+    test_labels: LabelSpec = None,
+    probes: int | Tensor | None = None,
+    probe_seed: int = 0,
+    modules: Sequence[str | nn.Module] | None = None,
+    by_layer: bool = False,
+    cache_bytes: int | None = DEFAULT_CACHE_BYTES,
+    projection: Projection | None = None,
+) -> tuple[Tensor, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The two blocks a kernel surrogate needs, K(train, train) and K(test, train), in one pass.
+
+    Equal to ``kernel(model, train, labels=labels, ...)`` and
+    ``kernel(model, test, train, labels=test_labels, other_labels=labels, ...)`` (same arguments
+    otherwise), but every training example's gradients are captured once and serve both blocks (when
+    the captures fit ``cache_bytes``), and the training diagonal of the symmetric block also normalizes
+    the cross block. The test × test block is never formed.
+
+    Args:
+        model, kind, normalize, parameters, batch_size, device, dtype, probes, probe_seed, modules,
+            by_layer, cache_bytes, projection: as in :func:`kernel`.
+        train: the training examples (rows and columns of the first block, columns of the second).
+        test: the examples to explain (rows of the second block).
+        labels: labels of ``train`` for ``"gradcos"`` (or ``"predicted"``).
+        test_labels: labels of ``test`` for ``"gradcos"``: the network's ``"predicted"`` labels for an
+            honest surrogate; true test labels leak into it (warned).
+
+    Returns:
+        ``(K_train_train, K_test_train)``: (N, N) and (T, N) (with the class axes for ``"entk"``), or two
+        ``{layer group: kernel}`` dicts with ``by_layer``.
+
+    Cost: one forward and M backward passes per training and per test block (the captures of the
+    training side are recomputed per test block only if they do not fit ``cache_bytes``); Gram work
+    N²/2 + T·N block pairs.
+
+    Raises:
+        UnknownKindError, InputError, ModelOutputError, ParameterSelectionError, NonFiniteError.
+    """
+    spec, norm = _validate_common(kind, batch_size, normalize, probes)
+    lab_tr, pred_tr = _labels_mode(labels)
+    lab_te, pred_te = _labels_mode(test_labels)
+    if spec.name == "gradcos":
+        if pred_tr != pred_te:
+            raise InputError("Use labels='predicted' and test_labels='predicted', or true labels for both.")
+        if not pred_te and (lab_te is not None or isinstance(test, (tuple, list))):
+            warnings.warn(
+                "kind='gradcos' with true test labels leaks them into the surrogate (the reference saw +5 pp "
+                "accuracy). Use labels='predicted', test_labels='predicted' for an honest surrogate.",
+                UserWarning,
+                stacklevel=2,
+            )
+    if projection is not None:
+        if by_layer:
+            raise InputError("by_layer=True is not available with a projection (features mix the layers).")
+        kw: dict[str, Any] = dict(
+            kind=spec.name, normalize=False, projection=projection, parameters=parameters,
+            batch_size=batch_size, device=device, dtype=dtype, probes=probes, probe_seed=probe_seed,
+        )
+        F_tr = features(model, train, labels=labels, **kw)
+        F_te = features(model, test, labels=test_labels, **kw)
+        return _feature_kernel(F_tr, None, spec, norm), _feature_kernel(F_te, F_tr, spec, norm)
+    src_tr = Source(train, batch_size, lab_tr, "train")
+    src_te = Source(test, batch_size, lab_te, "test")
+    with _engine(
+        model, spec, parameters=parameters, device=device, dtype=dtype, probes=probes, probe_seed=probe_seed,
+        predicted=pred_tr, modules=modules,
+    ) as eng:
+        budget = _cache_budget(cache_bytes)
+        acc, d_tr, caps = _symmetric(eng, src_tr, spec.full, by_layer, budget, keep=True)
+        K_tr = _finish(acc, d_tr, d_tr, norm, by_layer, True)
+        acc2, d_te, _ = _cross(eng, src_te, src_tr, spec.full, by_layer, budget, caps2=caps, d2=d_tr)
+        return K_tr, _finish(acc2, d_te, d_tr, norm, by_layer, False)  # type: ignore[return-value]
+
+
+@contextmanager
+def _engine(
+    model: nn.Module,
+    spec: KindSpec,
+    *,
+    parameters: ParameterSpec,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    probes: int | Tensor | None,
+    probe_seed: int,
+    predicted: bool,
+    modules: Sequence[str | nn.Module] | None,
+) -> Iterator[_Engine]:
+    """An engine on the prepared (eval-mode, placed) model; everything is restored on exit."""
     with prepared(model, device=device, dtype=dtype) as (work, dev, dt):
         sel = select_parameters(model, parameters) if spec.probes != "none" else {}
         wparams = dict(work.named_parameters())
-        sel_work = [wparams[n] for n in sel]
-        with requiring_grad(sel_work):
+        with requiring_grad([wparams[n] for n in sel]):
             eng = _Engine(
                 work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt, probes=probes,
                 probe_seed=probe_seed, predicted=predicted, modules=modules,
             )
             try:
-                return _assemble(eng, src1, src2, spec, norm, by_layer, _cache_budget(cache_bytes))
+                yield eng
             finally:
                 eng.close()
 
@@ -405,6 +510,121 @@ def _iter_caps(eng: _Engine, src: Source, skip_before: int = 0) -> Iterator[tupl
         yield blk.start, eng.capture(blk.x, blk.y)
 
 
+class _Accumulator:
+    """The (N1, N2[, M, M]) result (or one per layer group), filled block by block."""
+
+    def __init__(self, n1: int, n2: int, full: bool) -> None:
+        self.n1, self.n2, self.full = n1, n2, full
+        self.outs: dict[str, Tensor] = {}
+
+    def put(self, s1: int, s2: int, g: Tensor | dict[str, Tensor], sym: bool) -> None:
+        parts = g if isinstance(g, dict) else {"": g}
+        for k, v in parts.items():
+            if not torch.isfinite(v).all():
+                raise NonFiniteError(f"NaN or infinite kernel values in layer group {k or 'all'!r}.")
+            if k not in self.outs:
+                self.outs[k] = torch.zeros((self.n1, self.n2, *v.shape[2:]), dtype=v.dtype)
+            v = v.cpu()
+            self.outs[k][s1 : s1 + v.shape[0], s2 : s2 + v.shape[1]] = v
+            if sym and s1 != s2:
+                vt = v.transpose(0, 1)
+                if self.full:
+                    vt = vt.transpose(2, 3)
+                self.outs[k][s2 : s2 + v.shape[1], s1 : s1 + v.shape[0]] = vt
+
+
+def _sqnorms(c: BlockCapture, full: bool) -> Tensor:
+    d = block_sqnorms(c)
+    return (d if full else d.sum(1)).cpu()
+
+
+def _symmetric(
+    eng: _Engine, src: Source, full: bool, by_layer: bool, cache_bytes: int, keep: bool = False
+) -> tuple[_Accumulator, Tensor, list[tuple[int, BlockCapture]] | None]:
+    """K(src, src) block by block (upper triangle, mirrored) and its diagonal; with ``keep``, also the
+    captures when they fit ``cache_bytes`` (else None)."""
+    n = len(src)
+    acc = _Accumulator(n, n, full)
+    d_list: list[Tensor] = []
+
+    def self_block(si: int, ci: BlockCapture) -> None:
+        # the diagonal comes from the block's own Gram: no separate pass over the captures
+        g = block_gram(ci, ci, full, by_layer)
+        t = sum(g.values()) if isinstance(g, dict) else g
+        d = torch.diagonal(torch.diagonal(t, 0, 0, 1), 0, 0, 1) if full else torch.diagonal(t)
+        d_list.append(d.cpu().clone())
+        acc.put(si, si, g, True)
+
+    first = _iter_caps(eng, src)
+    s0, c0 = next(first)
+    n_blocks = math.ceil(n / max(c0.size, 1))
+    caps: list[tuple[int, BlockCapture]] | None = None
+    if c0.nbytes() * n_blocks <= cache_bytes:
+        caps = [(s0, c0)] + list(first)
+        for i, (si, ci) in enumerate(caps):
+            self_block(si, ci)
+            for sj, cj in caps[i + 1 :]:
+                acc.put(si, sj, block_gram(ci, cj, full, by_layer), True)
+    else:
+        del first, c0
+        for si, ci in _iter_caps(eng, src):
+            self_block(si, ci)
+            for sj, cj in _iter_caps(eng, src, skip_before=si + ci.size):
+                acc.put(si, sj, block_gram(ci, cj, full, by_layer), True)
+    return acc, torch.cat(d_list), caps if keep else None
+
+
+def _cross(
+    eng: _Engine,
+    src1: Source,
+    src2: Source,
+    full: bool,
+    by_layer: bool,
+    cache_bytes: int,
+    caps2: list[tuple[int, BlockCapture]] | None = None,
+    d2: Tensor | None = None,
+) -> tuple[_Accumulator, Tensor, Tensor]:
+    """K(src1, src2) and both diagonals; ``caps2``/``d2``: captures and diagonal of src2 already at hand."""
+    acc = _Accumulator(len(src1), len(src2), full)
+    if caps2 is None:
+        first2 = _iter_caps(eng, src2)
+        s0, c0 = next(first2)
+        if c0.nbytes() * math.ceil(len(src2) / max(c0.size, 1)) <= cache_bytes:
+            caps2 = [(s0, c0)] + list(first2)
+        else:
+            del first2, c0
+    d1_list: list[Tensor] = []
+    d2_list: list[Tensor] = []
+    if caps2 is not None and d2 is None:
+        d2_list = [_sqnorms(c, full) for _, c in caps2]
+    for si, ci in _iter_caps(eng, src1):
+        d1_list.append(_sqnorms(ci, full))
+        for sj, cj in caps2 if caps2 is not None else _iter_caps(eng, src2):
+            if caps2 is None and si == 0 and d2 is None:
+                d2_list.append(_sqnorms(cj, full))
+            acc.put(si, sj, block_gram(ci, cj, full, by_layer), False)
+    return acc, torch.cat(d1_list), d2 if d2 is not None else torch.cat(d2_list)
+
+
+def _finish(
+    acc: _Accumulator, d1: Tensor, d2: Tensor, norm: bool, by_layer: bool, symmetric: bool
+) -> Tensor | dict[str, Tensor]:
+    """The accumulated kernel, cosine-normalized on request (exact unit diagonal when symmetric)."""
+    if by_layer:
+        return acc.outs
+    K = acc.outs[""]
+    if norm:
+        cosine_normalize(K, d1, d2)
+        if symmetric:
+            idx = torch.arange(K.shape[0])
+            if acc.full:
+                for c in range(K.shape[2]):
+                    K[idx, idx, c, c] = torch.where(d1[:, c] > 0, 1.0, K[idx, idx, c, c])
+            else:
+                K[idx, idx] = torch.where(d1 > 0, torch.ones_like(d1), K[idx, idx])
+    return K
+
+
 def _assemble(
     eng: _Engine,
     src1: Source,
@@ -414,92 +634,11 @@ def _assemble(
     by_layer: bool,
     cache_bytes: int,
 ) -> Tensor | dict[str, Tensor]:
-    full = spec.full
-    n1 = len(src1)
-    n2 = len(src2) if src2 is not None else n1
-    outs: dict[str, Tensor] = {}
-    diag1: Tensor | None = None
-    diag2: Tensor | None = None
-
-    def put(s1: int, s2: int, g: Tensor | dict[str, Tensor], sym: bool) -> None:
-        parts = g if isinstance(g, dict) else {"": g}
-        for k, v in parts.items():
-            if not torch.isfinite(v).all():
-                raise NonFiniteError(f"NaN or infinite kernel values in layer group {k or 'all'!r}.")
-            if k not in outs:
-                shape = (n1, n2, *v.shape[2:])
-                outs[k] = torch.zeros(shape, dtype=v.dtype)
-            v = v.cpu()
-            outs[k][s1 : s1 + v.shape[0], s2 : s2 + v.shape[1]] = v
-            if sym and s1 != s2:
-                vt = v.transpose(0, 1)
-                if full:
-                    vt = vt.transpose(2, 3)
-                outs[k][s2 : s2 + v.shape[1], s1 : s1 + v.shape[0]] = vt
-
-    def sq(c: BlockCapture) -> Tensor:
-        d = block_sqnorms(c)
-        return (d if full else d.sum(1)).cpu()
-
     if src2 is None:
-        d_list: list[Tensor] = []
-
-        def self_block(si: int, ci: BlockCapture) -> None:
-            # the diagonal comes from the block's own Gram: no separate pass over the captures
-            g = block_gram(ci, ci, full, by_layer)
-            t = sum(g.values()) if isinstance(g, dict) else g
-            d = torch.diagonal(torch.diagonal(t, 0, 0, 1), 0, 0, 1) if full else torch.diagonal(t)
-            d_list.append(d.cpu().clone())
-            put(si, si, g, True)
-
-        first = _iter_caps(eng, src1)
-        s0, c0 = next(first)
-        n_blocks = math.ceil(n1 / max(c0.size, 1))
-        cache = c0.nbytes() * n_blocks <= cache_bytes
-        if cache:
-            caps = [(s0, c0)] + list(first)
-            for i, (si, ci) in enumerate(caps):
-                self_block(si, ci)
-                for sj, cj in caps[i + 1 :]:
-                    put(si, sj, block_gram(ci, cj, full, by_layer), True)
-        else:
-            del first, c0
-            for si, ci in _iter_caps(eng, src1):
-                self_block(si, ci)
-                for sj, cj in _iter_caps(eng, src1, skip_before=si + ci.size):
-                    put(si, sj, block_gram(ci, cj, full, by_layer), True)
-        diag1 = diag2 = torch.cat(d_list)
-    else:
-        first2 = _iter_caps(eng, src2)
-        s0, c0 = next(first2)
-        n_blocks = math.ceil(n2 / max(c0.size, 1))
-        cache = c0.nbytes() * n_blocks <= cache_bytes
-        caps2 = [(s0, c0)] + list(first2) if cache else None
-        d1_list: list[Tensor] = []
-        d2_list: list[Tensor] = []
-        if caps2 is not None:
-            d2_list = [sq(c) for _, c in caps2]
-        for si, ci in _iter_caps(eng, src1):
-            d1_list.append(sq(ci))
-            it = caps2 if caps2 is not None else _iter_caps(eng, src2)
-            for sj, cj in it:
-                if caps2 is None and si == 0:
-                    d2_list.append(sq(cj))
-                put(si, sj, block_gram(ci, cj, full, by_layer), False)
-        diag1, diag2 = torch.cat(d1_list), torch.cat(d2_list)
-    if by_layer:
-        return outs
-    K = outs[""]
-    if norm:
-        cosine_normalize(K, diag1, diag2)
-        if src2 is None:
-            idx = torch.arange(n1)
-            if full:
-                for c in range(K.shape[2]):
-                    K[idx, idx, c, c] = torch.where(diag1[:, c] > 0, 1.0, K[idx, idx, c, c])
-            else:
-                K[idx, idx] = torch.where(diag1 > 0, torch.ones_like(diag1), K[idx, idx])
-    return K
+        acc, d, _ = _symmetric(eng, src1, spec.full, by_layer, cache_bytes)
+        return _finish(acc, d, d, norm, by_layer, True)
+    acc, d1, d2 = _cross(eng, src1, src2, spec.full, by_layer, cache_bytes)
+    return _finish(acc, d1, d2, norm, by_layer, False)
 
 
 def features(
@@ -683,10 +822,16 @@ def _projected_kernel(
     other_labels = kw.pop("other_labels")
     F1 = features(model, inputs, kind=spec.name, normalize=False, projection=projection, **kw)
     if other is None:
-        F2 = F1
-    else:
-        kw["labels"] = other_labels
-        F2 = features(model, other, kind=spec.name, normalize=False, projection=projection, **kw)
+        return _feature_kernel(F1, None, spec, norm)
+    kw["labels"] = other_labels
+    F2 = features(model, other, kind=spec.name, normalize=False, projection=projection, **kw)
+    return _feature_kernel(F1, F2, spec, norm)
+
+
+def _feature_kernel(F1: Tensor, F2: Tensor | None, spec: KindSpec, norm: bool) -> Tensor:
+    """Φ1 Φ2ᵀ (Φ1 Φ1ᵀ if ``F2`` is None, with an exact unit diagonal), cosine-normalized on request."""
+    sym = F2 is None
+    F2 = F1 if F2 is None else F2
     if spec.full:
         K = torch.einsum("imk,jnk->ijmn", F1, F2)
         if norm:
@@ -697,9 +842,9 @@ def _projected_kernel(
         raise NonFiniteError("NaN or infinite projected kernel values.")
     if norm:
         d1 = (F1 * F1).sum(1)
-        d2 = d1 if other is None else (F2 * F2).sum(1)
+        d2 = d1 if sym else (F2 * F2).sum(1)
         cosine_normalize(K, d1, d2)
-        if other is None:
+        if sym:
             K.diagonal().copy_(torch.where(d1 > 0, torch.ones_like(d1), K.diagonal()))
     return K
 
@@ -711,4 +856,4 @@ def available_kinds() -> list[str]:
     return sorted(KINDS)
 
 
-__all__ = ["kernel", "features", "iter_features", "available_kinds"]
+__all__ = ["kernel", "train_test_kernels", "features", "iter_features", "available_kinds"]

@@ -546,7 +546,7 @@ def _run_demo(
     from tqdm.auto import tqdm
 
     from tangentlens import __version__
-    from tangentlens.api import kernel
+    from tangentlens.api import train_test_kernels
     from tangentlens.report import gallery, scatter, text_table, write_report
 
     cfg = (config or DemoConfig()).resolved()
@@ -596,8 +596,7 @@ def _run_demo(
         if spec.projection is not None:
             kwargs["projection"] = spec.projection(cfg.seed)
         t0 = time.perf_counter()
-        k_tr = _to_numpy(kernel(model, data.x_train, **kwargs))
-        k_te = _to_numpy(kernel(model, data.x_test, data.x_train, **kwargs))
+        k_tr, k_te = (_to_numpy(k) for k in train_test_kernels(model, data.x_train, data.x_test, **kwargs))
         if spec.scale == "train_std":
             s = float(k_tr.std())
             if not s > 0.0:
