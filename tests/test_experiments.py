@@ -61,3 +61,37 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
     train_group("mlp", [0, 1], x, y, rec, progress=False, checkpoint=ck)
     with pytest.raises(ValueError, match="another run"):
         train_group("mlp", [0, 2], x, y, rec, progress=False, checkpoint=ck)
+
+
+def test_protocol_end_to_end_on_a_tiny_generated_mnist(tmp_path: Path) -> None:
+    """protocol.py on generated IDX files: trains, checkpoints, evaluates every surrogate, resumes."""
+    import json
+
+    import numpy as np
+
+    from tangentlens.datasets.idx import write_idx
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data" / "mnist"
+    d.mkdir(parents=True)
+    for prefix, n in (("train", 60), ("t10k", 30)):
+        labels = (np.arange(n) % 3).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+        images[labels == 1, 10:18, 12:16] = 255  # class 1 has a bright bar: learnable in one epoch
+        write_idx(d / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(d / f"{prefix}-labels-idx1-ubyte", labels)
+    import protocol
+
+    out = tmp_path / "run"
+    args = ["--setting", "mnist2-mlp", "--seeds", "2", "--group-size", "2", "--epochs", "1", "--lr", "0.5",
+            "--n-train-per-class", "12", "--n-test-per-class", "6", "--data", str(tmp_path / "data"),
+            "--threads", "1", "--out", str(out)]
+    assert protocol.main(args) == 0
+    rec = json.loads((out / "seed_0001.json").read_text())
+    for name in ("kglm", "ksvm", "distilled", "ridge"):
+        assert np.isfinite(rec[name]["tau"]) and -1 <= rec[name]["tau"] <= 1
+    assert (out / "group_0000.ckpt").exists() and (out / "seed_0000_model.pt").exists()
+    assert "| ridge |" in (out / "summary.md").read_text()
+    # a rerun finds every seed done; another recipe in the same folder is refused
+    assert protocol.main(args) == 0
+    assert protocol.main([a if a != "0.5" else "0.1" for a in args]) == 2
