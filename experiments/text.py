@@ -178,6 +178,7 @@ def kernels_for(
     kind: str,
     bs: int,
     memo: dict[str, torch.Tensor] | None = None,
+    cache_bytes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train x train, test x train) kernels of one kind, float64 numpy.
 
@@ -187,7 +188,7 @@ def kernels_for(
     """
     n = ytr.shape[0]
     X = {k: torch.cat([Xtr[k], Xte[k]]) for k in Xtr}
-    kw: dict[str, Any] = {"batch_size": bs}
+    kw: dict[str, Any] = {"batch_size": bs, "cache_bytes": cache_bytes}
     k = kind
     if kind not in ("em", "ck"):
         # The key bias of softmax attention has an identically zero gradient (it shifts every score of
@@ -282,7 +283,10 @@ def run(args: argparse.Namespace) -> int:
         memo: dict[str, torch.Tensor] = {}
         for kind in args.kinds:
             t1 = time.perf_counter()
-            K_tr, K_te = kernels_for(top, Xtr, Xte, ytr, yte, kind, args.batch_size, memo)
+            K_tr, K_te = kernels_for(
+                top, Xtr, Xte, ytr, yte, kind, args.batch_size, memo,
+                None if args.cache_gb is None else int(args.cache_gb * 2**30),
+            )
             tk = time.perf_counter() - t1
             sur = KernelSurrogate(solver="sgd", alpha=args.alpha, class_weight="balanced", random_state=seed)
             sur.fit(K_tr, ytr.numpy())
@@ -369,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--batch-size", type=int, default=32, help="kernel engine block size")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-gb", type=float, default=None,
+                    help="capture cache of the kernel engine (default: a third of the free memory)")
     ap.add_argument("--check-full", action="store_true")
     ap.add_argument("--data", type=Path, default=ROOT / "experiments" / "data")
     ap.add_argument("--out", type=Path, required=True)
