@@ -284,6 +284,24 @@ def _labels_mode(labels: LabelSpec) -> tuple[Any, bool]:
     return labels, False
 
 
+def _check_gradcos_labels(
+    rows: Any, row_labels: Any, rows_predicted: bool, cols_predicted: bool, names: tuple[str, str]
+) -> None:
+    """Grad-Cos of a rows × columns block: true labels of the rows (the points a surrogate explains) leak
+    into it — warned; both sides must use the same label mode. ``names``: the rows' and columns' label
+    arguments."""
+    if not rows_predicted and (row_labels is not None or isinstance(rows, (tuple, list))):
+        warnings.warn(
+            f"kind='gradcos' with true labels for the rows ({names[0]}) leaks them into a surrogate for "
+            f"those points (the reference saw +5 pp accuracy). Use {names[0]}='predicted' and "
+            f"{names[1]}='predicted' for an honest surrogate.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if rows_predicted != cols_predicted:
+        raise InputError(f"Use {names[0]}='predicted' and {names[1]}='predicted', or true labels for both.")
+
+
 def kernel(
     model: nn.Module,
     inputs: Any,
@@ -369,21 +387,11 @@ def kernel(
         )
     lab1, pred1 = _labels_mode(labels)
     lab2, pred2 = _labels_mode(other_labels)
-    if spec.name == "gradcos" and other is not None and not pred1 and (
-        lab1 is not None or isinstance(inputs, (tuple, list))
-    ):
-        warnings.warn(
-            "kind='gradcos' with true labels for the rows (`inputs`) uses their labels: as a surrogate for "
-            "test points this leaks the labels (the reference saw +5 pp accuracy). Use labels='predicted' "
-            "for an honest surrogate.",
-            UserWarning,
-            stacklevel=2,
-        )
+    if spec.name == "gradcos" and other is not None:
+        _check_gradcos_labels(inputs, lab1, pred1, pred2, ("labels", "other_labels"))
     src1 = Source(inputs, batch_size, lab1, "inputs")
     src2 = Source(other, batch_size, lab2, "other") if other is not None else None
     predicted = pred1 or (pred2 and src2 is not None)
-    if spec.name == "gradcos" and pred1 != (pred2 if src2 is not None else pred1):
-        raise InputError("Use labels='predicted' for both inputs and other, or true labels for both.")
     with _engine(
         model, spec, parameters=parameters, device=device, dtype=dtype, probes=probes, probe_seed=probe_seed,
         predicted=predicted, modules=modules,
@@ -443,15 +451,7 @@ def train_test_kernels(
     lab_tr, pred_tr = _labels_mode(labels)
     lab_te, pred_te = _labels_mode(test_labels)
     if spec.name == "gradcos":
-        if pred_tr != pred_te:
-            raise InputError("Use labels='predicted' and test_labels='predicted', or true labels for both.")
-        if not pred_te and (lab_te is not None or isinstance(test, (tuple, list))):
-            warnings.warn(
-                "kind='gradcos' with true test labels leaks them into the surrogate (the reference saw +5 pp "
-                "accuracy). Use labels='predicted', test_labels='predicted' for an honest surrogate.",
-                UserWarning,
-                stacklevel=2,
-            )
+        _check_gradcos_labels(test, lab_te, pred_te, pred_tr, ("test_labels", "labels"))
     if projection is not None:
         if by_layer:
             raise InputError("by_layer=True is not available with a projection (features mix the layers).")
@@ -788,14 +788,7 @@ def _block_projected(
             flat = pr if flat is None else flat + pr
             run = []
     parts = kron + ([flat.reshape(B, M, -1)] if flat is not None else [])
-    if len(parts) == 1:
-        return _rows(parts[0], spec, norm)
-    G = parts[0].new_empty(B, M, sum(p.shape[2] for p in parts))
-    o = 0
-    for p_ in parts:
-        G[:, :, o : o + p_.shape[2]] = p_
-        o += p_.shape[2]
-    return _rows(G, spec, norm)
+    return _rows(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2), spec, norm)
 
 
 def _probes_of(cap: BlockCapture) -> int:
