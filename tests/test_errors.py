@@ -36,6 +36,17 @@ def test_unknown_kind(mlp: nn.Module) -> None:
         tl.kernel(mlp, X, kind="ntk")
 
 
+def test_iter_features_checks_arguments_at_the_call(mlp: nn.Module) -> None:
+    # a bad argument surfaces where iter_features is called, not where its blocks are first read
+    with pytest.raises(UnknownKindError):
+        tl.iter_features(mlp, X, kind="ntk")
+    with pytest.raises(InputError, match="batch_size"):
+        tl.iter_features(mlp, X, batch_size=0)
+    blocks = list(tl.iter_features(mlp, X, batch_size=4))
+    assert [s for s, _ in blocks] == [0, 4]
+    assert torch.equal(torch.cat([b for _, b in blocks]), tl.features(mlp, X, batch_size=4))
+
+
 def test_output_not_2d() -> None:
     m = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0))
     with pytest.raises(ModelOutputError, match=r"\(B, 1\)"):

@@ -676,14 +676,13 @@ def features(
     gradient; ``kind="kronecker"`` projects Linear/Conv layers from their factors, (P_out δ)(P_in a)ᵀ summed
     over positions, never forming per-example gradients, and every other parameter with its flat fallback.
     """
+    spec, norm, src, pred = _feature_setup(kind, inputs, batch_size, normalize, probes, labels, projection)
     out: Tensor | None = None
-    for start, b in iter_features(
-        model, inputs, kind=kind, normalize=normalize, parameters=parameters, batch_size=batch_size,
-        device=device, dtype=dtype, labels=labels, probes=probes, probe_seed=probe_seed, modules=modules,
-        projection=projection,
+    for start, b in _feature_blocks(
+        model, src, spec, norm, pred, parameters, device, dtype, probes, probe_seed, modules, projection
     ):
         if out is None:  # one allocation of the result; blocks are copied in as they stream
-            out = b.new_empty((len(Source(inputs, batch_size, None, "inputs")), *b.shape[1:]))
+            out = b.new_empty((len(src), *b.shape[1:]))
         out[start : start + b.shape[0]] = b
     assert out is not None
     return out
@@ -705,12 +704,48 @@ def iter_features(
     modules: Sequence[str | nn.Module] | None = None,
     projection: Projection | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
-    """Stream :func:`features` as ``(start_row, block)`` pairs (blocks on the CPU)."""
+    """Stream :func:`features` as ``(start_row, block)`` pairs (blocks on the CPU).
+
+    The arguments are checked at the call; the model runs as the blocks are consumed.
+    """
+    spec, norm, src, pred = _feature_setup(kind, inputs, batch_size, normalize, probes, labels, projection)
+    return _feature_blocks(
+        model, src, spec, norm, pred, parameters, device, dtype, probes, probe_seed, modules, projection
+    )
+
+
+def _feature_setup(
+    kind: str,
+    inputs: Any,
+    batch_size: int,
+    normalize: bool | None,
+    probes: int | Tensor | None,
+    labels: LabelSpec,
+    projection: Projection | None,
+) -> tuple[KindSpec, bool, Source, bool]:
+    """Validate :func:`features`' arguments; return (spec, normalize, source, predicted labels)."""
     spec, norm = _validate_common(kind, batch_size, normalize, probes)
     if projection is not None and spec.probes == "none":
         raise InputError(f"projection= applies to gradient kernels, not {spec.name!r}.")
     lab, pred = _labels_mode(labels)
-    src = Source(inputs, batch_size, lab, "inputs")
+    return spec, norm, Source(inputs, batch_size, lab, "inputs"), pred
+
+
+def _feature_blocks(
+    model: nn.Module,
+    src: Source,
+    spec: KindSpec,
+    norm: bool,
+    pred: bool,
+    parameters: ParameterSpec,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    probes: int | Tensor | None,
+    probe_seed: int,
+    modules: Sequence[str | nn.Module] | None,
+    projection: Projection | None,
+) -> Iterator[tuple[int, Tensor]]:
+    """The feature blocks of ``src`` in order: one capture per block, materialized or projected."""
     with prepared(model, device=device, dtype=dtype) as (work, dev, dt):
         sel = select_parameters(model, parameters) if spec.probes != "none" else {}
         wparams = dict(work.named_parameters())
