@@ -245,11 +245,21 @@ def train_group(
         return functional_call(base, (p, b), (xb,))
 
     vf = _mlp_stacked if arch == "mlp" else torch.vmap(f)
+    n = x.shape[0]
+    s_count = len(seeds)
     if rec.loss == "mse_centered":
+        # the frozen initial network's outputs on the training set, once: (S, N)
         p0, b0 = stack_module_state(init)
         p0 = {k: v.detach() for k, v in p0.items()}
         if arch == "mlp":
             p0 = _to_mlp_layout(p0)
+        with torch.no_grad():
+            f0 = torch.cat(
+                [vf(p0, b0, x[i : i + 256].expand(s_count, *x[i : i + 256].shape))[..., 0]
+                 for i in range(0, n, 256)],
+                dim=1,
+            )
+        del p0, b0
     elif rec.loss != "mse_sigmoid":
         raise ValueError(f"unknown loss {rec.loss!r}")
     if rec.optimizer == "sgd":
@@ -259,8 +269,6 @@ def train_group(
     else:
         raise ValueError(f"unknown optimizer {rec.optimizer!r}")
 
-    n = x.shape[0]
-    s_count = len(seeds)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     yf = y.to(torch.float32)
     # the epoch budget is not part of a run's identity: the first k epochs do not depend on it
@@ -305,9 +313,7 @@ def train_group(
             if rec.loss == "mse_sigmoid":
                 per_model = ((torch.sigmoid(out) - yb) ** 2).mean(dim=1)
             else:
-                with torch.no_grad():
-                    out0 = vf(p0, b0, xb)[..., 0]
-                per_model = ((out - out0 - yb) ** 2).mean(dim=1)
+                per_model = ((out - f0.gather(1, idx) - yb) ** 2).mean(dim=1)
             opt.zero_grad(set_to_none=True)
             per_model.sum().backward()
             opt.step()

@@ -34,6 +34,41 @@ def test_group_training_equals_one_model_at_a_time(arch: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
 
 
+def _plain_loop(arch: str, seed: int, x: torch.Tensor, y: torch.Tensor, rec) -> torch.nn.Module:  # type: ignore[no-untyped-def]
+    """The reference scripts' training loop, one model, plain autograd (the oracle for train_group)."""
+    model, init = make_model(arch, seed), make_model(arch, seed)
+    cls = torch.optim.SGD if rec.optimizer == "sgd" else torch.optim.Adam
+    opt = cls(model.parameters(), lr=rec.lr)
+    g = torch.Generator().manual_seed(seed)
+    yf = y.float()
+    for _ in range(rec.epochs):
+        order = torch.randperm(len(x), generator=g) if rec.shuffle else torch.arange(len(x))
+        for i in range(0, len(x), rec.batch_size):
+            idx = order[i : i + rec.batch_size]
+            out = model(x[idx])[:, 0]
+            if rec.loss == "mse_sigmoid":
+                loss = torch.nn.functional.mse_loss(torch.sigmoid(out), yf[idx])
+            else:
+                with torch.no_grad():
+                    out0 = init(x[idx])[:, 0]
+                loss = torch.nn.functional.mse_loss(out - out0, yf[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model
+
+
+@pytest.mark.parametrize("setting", ["mnist2-mlp", "mnist2-cnn", "fmnist2-cnn"])
+def test_group_training_equals_the_reference_loop(setting: str) -> None:
+    x, y = _data()
+    s = SETTINGS[setting]
+    rec = replace(s.recipe, epochs=2, lr=0.05 if s.recipe.optimizer == "sgd" else 1e-3)
+    group, _ = train_group(s.arch, [3, 5], x, y, rec, progress=False)
+    plain = _plain_loop(s.arch, 5, x, y, rec)
+    for (k, a), b in zip(group[1].state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_interrupted_training_resumes_bit_for_bit(tmp_path: Path, optimizer: str) -> None:
     x, y = _data()
@@ -63,23 +98,29 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
         train_group("mlp", [0, 2], x, y, rec, progress=False, checkpoint=ck)
 
 
+def _tiny_idx(d: Path) -> None:
+    """IDX files of a tiny generated MNIST-like set (labels 0, 1, 2; class 1 has a bright bar)."""
+    import numpy as np
+
+    from tangentlens.datasets.idx import write_idx
+
+    rng = np.random.default_rng(0)
+    d.mkdir(parents=True)
+    for prefix, n in (("train", 60), ("t10k", 30)):
+        labels = (np.arange(n) % 3).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+        images[labels == 1, 10:18, 12:16] = 255  # learnable in one epoch
+        write_idx(d / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(d / f"{prefix}-labels-idx1-ubyte", labels)
+
+
 def test_protocol_end_to_end_on_a_tiny_generated_mnist(tmp_path: Path) -> None:
     """protocol.py on generated IDX files: trains, checkpoints, evaluates every surrogate, resumes."""
     import json
 
     import numpy as np
 
-    from tangentlens.datasets.idx import write_idx
-
-    rng = np.random.default_rng(0)
-    d = tmp_path / "data" / "mnist"
-    d.mkdir(parents=True)
-    for prefix, n in (("train", 60), ("t10k", 30)):
-        labels = (np.arange(n) % 3).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-        images[labels == 1, 10:18, 12:16] = 255  # class 1 has a bright bar: learnable in one epoch
-        write_idx(d / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(d / f"{prefix}-labels-idx1-ubyte", labels)
+    _tiny_idx(tmp_path / "data" / "mnist")
     import protocol
 
     out = tmp_path / "run"
@@ -95,3 +136,19 @@ def test_protocol_end_to_end_on_a_tiny_generated_mnist(tmp_path: Path) -> None:
     # a rerun finds every seed done; another recipe in the same folder is refused
     assert protocol.main(args) == 0
     assert protocol.main([a if a != "0.5" else "0.1" for a in args]) == 2
+
+
+def test_curves_print_both_readouts_of_the_centered_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """curves.py on a generated FMNIST2 stand-in: per-epoch centered and uncentered accuracies."""
+    _tiny_idx(tmp_path / "data" / "fashion-mnist")
+    import curves
+
+    curves.main(["--setting", "fmnist2-cnn", "--seeds", "2", "--epochs", "1", "--every", "1",
+                 "--shuffle", "yes", "--n-train-per-class", "4", "--n-test-per-class", "3",
+                 "--data", str(tmp_path / "data")])
+    out = capsys.readouterr().out
+    assert "shuffle=True" in out
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("epoch 1: centered test [") and "| uncentered test [" in line
