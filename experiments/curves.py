@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     s = SETTINGS[a.setting]
-    recipe = s.recipe if a.shuffle is None else replace(s.recipe, shuffle=a.shuffle == "yes")
+    recipe = replace(s.recipe, epochs=a.epochs)
+    if a.shuffle is not None:
+        recipe = replace(recipe, shuffle=a.shuffle == "yes")
     sp = load_split(s.data, a.data, a.n_train_per_class, a.n_test_per_class)
     xtr, ytr = torch.from_numpy(sp.x_train), torch.from_numpy(sp.y_train)
     xte, yte = torch.from_numpy(sp.x_test), torch.from_numpy(sp.y_test)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         print(f"{line} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    train_group(s.arch, seeds, xtr, ytr, recipe, epochs=a.epochs, progress=False, on_epoch=log)
+    train_group(s.arch, seeds, xtr, ytr, recipe, progress=False, on_epoch=log)
 
 
 if __name__ == "__main__":
