@@ -229,7 +229,8 @@ def train_group(
         The trained models (eval mode, CPU) and ``{"train_seconds": ..., "final_loss": ...}``.
 
     Cost: ``epochs * N / batch_size`` optimizer steps, each a forward and backward of
-    ``len(seeds) * batch_size`` examples.
+    ``len(seeds) * batch_size`` examples; the centered loss adds one no-grad pass of the initial
+    networks over the training set (their outputs are fixed, so they are read once).
     """
     rec = replace(recipe, epochs=epochs) if epochs is not None else recipe
     models = [make_model(arch, s) for s in seeds]
