@@ -255,11 +255,7 @@ def train_group(
         if arch == "mlp":
             p0 = _to_mlp_layout(p0)
         with torch.no_grad():
-            f0 = torch.cat(
-                [vf(p0, b0, x[i : i + 256].expand(s_count, *x[i : i + 256].shape))[..., 0]
-                 for i in range(0, n, 256)],
-                dim=1,
-            )
+            f0 = torch.cat([vf(p0, b0, xc.expand(s_count, *xc.shape))[..., 0] for xc in x.split(256)], dim=1)
         del p0, b0
     elif rec.loss != "mse_sigmoid":
         raise ValueError(f"unknown loss {rec.loss!r}")
