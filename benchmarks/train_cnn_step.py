@@ -11,8 +11,11 @@ for S models trained together, two formulations side by side in one process:
 Rounds of ``--steps`` steps alternate between the two (so a noisy, shared machine affects both alike);
 the median and the minimum of the per-step times over ``--rounds`` rounds are printed, with the
 ratio of medians. Both are checked to give the same loss and gradients (to float32 rounding) first.
+``--loop N`` also times whole ``train_group`` epochs over N generated examples (data indexing, loss,
+optimizer step included) with each formulation in turn.
 
     python benchmarks/train_cnn_step.py --seeds 1,5,20 --threads 2
+    python benchmarks/train_cnn_step.py --seeds 20 --loop 1200 --threads 2
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +33,8 @@ from torch.func import functional_call, stack_module_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-from models import _cnn_stacked, make_model  # noqa: E402
+import models  # noqa: E402
+from models import SETTINGS, _cnn_stacked, make_model, train_group  # noqa: E402
 
 Stacked = dict[str, torch.Tensor]
 Forward = Callable[[Stacked, Stacked, torch.Tensor], torch.Tensor]
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps per timed round")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--loop", type=int, default=0, help="also time train_group epochs on N examples")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} per model")
@@ -85,6 +91,29 @@ def main(argv: list[str] | None = None) -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         cells = [f"{med[k]:.1f}, {min(times[k]):.1f}" for k in kinds]
         print(f"| {s} | {cells[0]} | {cells[1]} | {med['vmap'] / med['stacked']:.2f}x |", flush=True)
+    if args.loop:
+        for s in (int(v) for v in args.seeds.split(",")):
+            _time_loop(s, args.loop, rounds=2)
+
+
+def _time_loop(s: int, n: int, rounds: int) -> None:
+    """Alternate one ``train_group`` epoch (MNIST2 CNN recipe) per formulation, ``rounds`` times."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(n, 1, 28, 28, generator=g), torch.arange(n) % 2
+    rec = replace(SETTINGS["mnist2-cnn"].recipe, epochs=1)
+    base = make_model("cnn", 0).to("meta")
+    kinds: dict[str, Forward] = {
+        "vmap": torch.vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,))),
+        "stacked": _cnn_stacked,
+    }
+    steps = -(-n // rec.batch_size)
+    for _ in range(rounds):
+        for name, fn in kinds.items():
+            models._cnn_stacked = fn  # train_group looks the forward up at call time
+            t = time.perf_counter()
+            train_group("cnn", list(range(s)), x, y, rec, progress=False)
+            print(f"train_group, {s} models, {name}: {(time.perf_counter() - t) / steps * 1e3:.1f} ms/step")
+    models._cnn_stacked = _cnn_stacked
 
 
 if __name__ == "__main__":
