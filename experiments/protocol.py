@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="override the reference learning rate")
     ap.add_argument("--train-batch", type=int, default=None, help="override the reference batch (4)")
     ap.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="override the optimizer")
-    ap.add_argument("--group-size", type=int, default=10, help="seeds trained together (vmap)")
+    ap.add_argument("--group-size", type=int, default=10, help="seeds trained together (stacked)")
     ap.add_argument("--n-train-per-class", type=int, default=None, help="development only")
     ap.add_argument("--n-test-per-class", type=int, default=None, help="development only")
     ap.add_argument("--shuffle", choices=("yes", "no"), default=None, help="override the recipe's shuffling")
