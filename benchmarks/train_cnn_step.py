@@ -40,16 +40,20 @@ Stacked = dict[str, torch.Tensor]
 Forward = Callable[[Stacked, Stacked, torch.Tensor], torch.Tensor]
 
 
-def _setup(s: int, batch: int) -> tuple[Stacked, Stacked, Forward, torch.Tensor, torch.Tensor]:
+def _vmapped() -> Forward:
+    """The former formulation: ``vmap`` of ``ReferenceCNN.forward`` over stacked parameters."""
+    base = make_model("cnn", 0).to("meta")
+    return torch.vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)))
+
+
+def _setup(s: int, batch: int) -> tuple[Stacked, Stacked, torch.Tensor, torch.Tensor]:
     models = [make_model("cnn", seed) for seed in range(s)]
     params, buffers = stack_module_state(models)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    base = make_model("cnn", 0).to("meta")
-    vmapped = torch.vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)))
     g = torch.Generator().manual_seed(0)
     x = torch.rand(s, batch, 1, 28, 28, generator=g)
     y = torch.randint(0, 2, (s, batch), generator=g).float()
-    return params, buffers, vmapped, x, y
+    return params, buffers, x, y
 
 
 def _step(fn: Forward, params: Stacked, buffers: Stacked, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -72,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} per model")
     print("| models | vmap ms/step (median, min) | stacked ms/step (median, min) | speed-up (medians) |")
     print("|---|---|---|---|")
-    for s in (int(v) for v in args.seeds.split(",")):
-        params, buffers, vmapped, x, y = _setup(s, args.batch)
-        kinds: dict[str, Forward] = {"vmap": vmapped, "stacked": _cnn_stacked}
+    sizes = [int(v) for v in args.seeds.split(",")]
+    kinds: dict[str, Forward] = {"vmap": _vmapped(), "stacked": _cnn_stacked}
+    for s in sizes:
+        params, buffers, x, y = _setup(s, args.batch)
         grads = {}
         for name, fn in kinds.items():
             _step(fn, params, buffers, x, y)
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = [f"{med[k]:.1f}, {min(times[k]):.1f}" for k in kinds]
         print(f"| {s} | {cells[0]} | {cells[1]} | {med['vmap'] / med['stacked']:.2f}x |", flush=True)
     if args.loop:
-        for s in (int(v) for v in args.seeds.split(",")):
+        for s in sizes:
             _time_loop(s, args.loop, rounds=2)
 
 
@@ -101,11 +106,7 @@ def _time_loop(s: int, n: int, rounds: int) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(n, 1, 28, 28, generator=g), torch.arange(n) % 2
     rec = replace(SETTINGS["mnist2-cnn"].recipe, epochs=1)
-    base = make_model("cnn", 0).to("meta")
-    kinds: dict[str, Forward] = {
-        "vmap": torch.vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,))),
-        "stacked": _cnn_stacked,
-    }
+    kinds: dict[str, Forward] = {"vmap": _vmapped(), "stacked": _cnn_stacked}
     steps = -(-n // rec.batch_size)
     for _ in range(rounds):
         for name, fn in kinds.items():

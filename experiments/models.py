@@ -23,7 +23,6 @@ group size).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -265,7 +264,6 @@ def train_group(
     """
     rec = replace(recipe, epochs=epochs) if epochs is not None else recipe
     models = [make_model(arch, s) for s in seeds]
-    init = [copy.deepcopy(m) for m in models]
     params, buffers = stack_module_state(models)
     params = {k: v.detach().clone() for k, v in params.items()}
     if arch == "mlp":
@@ -275,14 +273,12 @@ def train_group(
     n = x.shape[0]
     s_count = len(seeds)
     if rec.loss == "mse_centered":
-        # the frozen initial network's outputs on the training set, once: (S, N)
-        p0, b0 = stack_module_state(init)
-        p0 = {k: v.detach() for k, v in p0.items()}
-        if arch == "mlp":
-            p0 = _to_mlp_layout(p0)
+        # the frozen initial networks' outputs on the training set, once: (S, N); ``params`` still
+        # holds the initialisation here (a checkpoint is loaded below)
         with torch.no_grad():
-            f0 = torch.cat([vf(p0, b0, xc.expand(s_count, *xc.shape))[..., 0] for xc in x.split(256)], dim=1)
-        del p0, b0
+            f0 = torch.cat(
+                [vf(params, buffers, xc.expand(s_count, *xc.shape))[..., 0] for xc in x.split(256)], dim=1
+            )
     elif rec.loss != "mse_sigmoid":
         raise ValueError(f"unknown loss {rec.loss!r}")
     if rec.optimizer == "sgd":
