@@ -229,6 +229,35 @@ def test_svm_is_svc_precomputed(binary, digits):
         KernelSVMSurrogate(random_state=0).fit(K, y).contributions(Kt)
 
 
+def test_svm_without_svc_probability(binary, digits, monkeypatch):
+    """scikit-learn >= 1.11 has no SVC(probability=...): Platt scaling via CalibratedClassifierCV."""
+    import tangentlens.surrogate as surrogate
+
+    monkeypatch.setattr(surrogate, "_svc_has_probability", lambda: False)
+    for K, Kt, y, _ in (binary, digits):
+        ref = SVC(kernel="precomputed", random_state=5).fit(K, y)
+        m = KernelSVMSurrogate(random_state=5).fit(K, y)
+        assert m.calibrator_ is not None
+        assert_array_equal(m.predict(Kt), ref.predict(Kt))
+        assert_array_equal(m.decision_function(Kt), ref.decision_function(Kt))
+        P = m.predict_proba(Kt)
+        assert P.shape == (len(Kt), len(np.unique(y)))
+        assert_allclose(P.sum(axis=1), 1.0)
+        assert_array_equal(P, KernelSVMSurrogate(random_state=5).fit(K, y).predict_proba(Kt))
+    K, Kt, y, _ = binary
+    m = KernelSVMSurrogate(random_state=5).fit(K, y)
+    d, p1 = m.decision_function(Kt), m.predict_proba(Kt)[:, 1]
+    assert stats.spearmanr(d, p1).statistic > 0.999  # a sigmoid of the decision value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        libsvm = SVC(kernel="precomputed", probability=True, random_state=5).fit(K, y).predict_proba(Kt)
+    assert np.abs(p1 - libsvm[:, 1]).max() < 0.1  # the same method on different folds
+    m = KernelSVMSurrogate(probability=False).fit(K, y)
+    assert m.calibrator_ is None
+    with pytest.raises(InputError, match="probability=True"):
+        m.predict_proba(Kt)
+
+
 def test_svm_read_only_pickle_roundtrip(binary):
     K, Kt, y, _ = binary
     m = KernelSVMSurrogate(random_state=0).fit(K, y)

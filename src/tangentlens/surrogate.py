@@ -55,8 +55,10 @@ from scipy import linalg as sla
 from scipy import optimize
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.exceptions import ConvergenceWarning, DataConversionWarning
 from sklearn.linear_model import SGDClassifier
+from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import SVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
@@ -625,12 +627,21 @@ class KernelSurrogate(_KernelMachineMixin, ClassifierMixin, BaseEstimator):
 # --------------------------------------------------------------------------------------------
 
 
+def _svc_has_probability() -> bool:
+    """Whether this scikit-learn's ``SVC`` still takes ``probability`` (removed in 1.11)."""
+    return "probability" in SVC().get_params()
+
+
 class KernelSVMSurrogate(_KernelMachineMixin, ClassifierMixin, BaseEstimator):
     """The reference's kernel SVM baseline: ``SVC(kernel="precomputed", probability=True)``.
 
     ``predict``, ``decision_function`` and ``predict_proba`` are exactly the wrapped ``SVC``'s
     (``predict_proba`` is Platt-scaled, fitted with an internal 5-fold CV seeded by
-    ``random_state``). ``logits`` are decision values: ``[-d/2, d/2]`` for two classes (so
+    ``random_state``). scikit-learn 1.11 removes ``SVC(probability=...)``; there the Platt
+    scaling is the replacement scikit-learn names, ``CalibratedClassifierCV(SVC(), method="sigmoid",
+    ensemble=False)`` on a seeded stratified 5-fold split (stored as ``calibrator_``; ``None``
+    where libsvm's own Platt scaling is used), and ``decision_function``/``predict`` remain the
+    full-data ``SVC``'s. ``logits`` are decision values: ``[-d/2, d/2]`` for two classes (so
     ``softmax(logits)`` is ``sigmoid(d)``, *not* the Platt probability), the one-vs-rest
     ``decision_function`` otherwise. For Kendall-tau on Platt probabilities pass
     ``np.log(predict_proba(K))`` as the surrogate logits.
@@ -683,20 +694,32 @@ class KernelSVMSurrogate(_KernelMachineMixin, ClassifierMixin, BaseEstimator):
             sample_weight = _check_sample_weight(sample_weight, n)
         y1 = np.asarray(y)
         y1 = y1[:, 0] if y1.ndim == 2 else y1
-        est = SVC(
+        params: dict[str, Any] = dict(
             kernel="precomputed",
             C=self.C,
             class_weight=self.class_weight,
-            probability=self.probability,
             tol=self.tol,
             max_iter=self.max_iter,
             random_state=self.random_state,
         )
-        with warnings.catch_warnings():
-            # scikit-learn 1.9 deprecates SVC(probability=True) (removal planned for 1.11); it is
-            # the reference's estimator, so we keep it and silence the notice.
-            warnings.filterwarnings("ignore", message=".*probability.*", category=FutureWarning)
-            est.fit(K, y1, sample_weight=sample_weight)
+        self.calibrator_ = None
+        if _svc_has_probability():
+            est = SVC(probability=self.probability, **params)
+            with warnings.catch_warnings():
+                # scikit-learn 1.9 deprecates SVC(probability=True) (removal planned for 1.11); it
+                # is the reference's estimator, so we keep it while it exists and silence the notice.
+                warnings.filterwarnings("ignore", message=".*probability.*", category=FutureWarning)
+                est.fit(K, y1, sample_weight=sample_weight)
+        elif self.probability:
+            # scikit-learn >= 1.11: the replacement it names -- Platt scaling fitted on 5-fold
+            # out-of-fold decision values, then one SVC fitted on all the data.
+            cv = StratifiedKFold(5, shuffle=True, random_state=self.random_state)
+            cal = CalibratedClassifierCV(SVC(**params), method="sigmoid", cv=cv, ensemble=False)
+            cal.fit(K, y1, sample_weight=sample_weight)
+            self.calibrator_ = cal
+            est = cal.calibrated_classifiers_[0].estimator
+        else:
+            est = SVC(**params).fit(K, y1, sample_weight=sample_weight)
         self.estimator_ = est
         self.classes_ = est.classes_
         self.support_ = est.support_
@@ -749,6 +772,8 @@ class KernelSVMSurrogate(_KernelMachineMixin, ClassifierMixin, BaseEstimator):
         K = self._test_kernel(K_test_train)
         if not self.probability:
             raise InputError("predict_proba needs KernelSVMSurrogate(probability=True).")
+        if self.calibrator_ is not None:
+            return self.calibrator_.predict_proba(K)
         return self.estimator_.predict_proba(K)
 
     def contributions(self, K_test_train: ArrayLike) -> Float64Array:
