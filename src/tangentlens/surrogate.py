@@ -772,8 +772,9 @@ class KernelSVMSurrogate(_KernelMachineMixin, ClassifierMixin, BaseEstimator):
         K = self._test_kernel(K_test_train)
         if not self.probability:
             raise InputError("predict_proba needs KernelSVMSurrogate(probability=True).")
-        if self.calibrator_ is not None:
-            return self.calibrator_.predict_proba(K)
+        calibrator = getattr(self, "calibrator_", None)  # absent in models pickled before it existed
+        if calibrator is not None:
+            return calibrator.predict_proba(K)
         return self.estimator_.predict_proba(K)
 
     def contributions(self, K_test_train: ArrayLike) -> Float64Array:
