@@ -6,7 +6,9 @@ For every seed: train the reference model (``experiments/models.py``), compute t
 * the kGLM with the reference settings (``KernelSurrogate(solver="sgd", alpha=1e-4,
   class_weight="balanced", random_state=seed)`` = scikit-learn ``SGDClassifier(loss="log_loss",
   penalty="l2", ...)``) on the true training labels,
-* the kernel SVM baseline ``SVC(kernel="precomputed", probability=True, random_state=seed)``,
+* the kernel SVM baseline ``SVC(kernel="precomputed", probability=True, random_state=seed)`` through
+  ``KernelSVMSurrogate(random_state=seed)`` (the same estimator, bit for bit, and still Platt-scaled on a
+  scikit-learn without ``SVC(probability=...)``),
 * a distilled kGLM (``KernelSurrogate(solver="lbfgs", alpha=1e-4, class_weight=None)``) on the
   network's soft outputs ``[1 - sigmoid(f), sigmoid(f)]`` at the training points,
 * a distilled kernel ridge regression on the network's logits (``KernelRidgeSurrogate(alpha=1e-3)``),
@@ -40,7 +42,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -60,7 +61,7 @@ from tangentlens.faithfulness import (  # noqa: E402
     format_mean_se,
     misclassification_overlap,
 )
-from tangentlens.surrogate import KernelRidgeSurrogate, KernelSurrogate  # noqa: E402
+from tangentlens.surrogate import KernelRidgeSurrogate, KernelSurrogate, KernelSVMSurrogate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIRS = {"mnist2": "mnist", "fmnist2": "fashion-mnist"}
@@ -165,13 +166,8 @@ def run_seed(
     rec["ridge"] = _scores(nn_test, z_ridge, yte)
 
     if ksvm:
-        from sklearn.svm import SVC
-
         t0 = time.perf_counter()
-        svm = SVC(kernel="precomputed", probability=True, random_state=seed)  # the reference's, literally
-        with warnings.catch_warnings():  # scikit-learn >= 1.9 deprecates probability=True
-            warnings.simplefilter("ignore", FutureWarning)
-            svm.fit(K_tr.astype(np.float64), ytr)
+        svm = KernelSVMSurrogate(random_state=seed).fit(K_tr.astype(np.float64), ytr)  # the reference's SVC
         p_svm = svm.predict_proba(K_te.astype(np.float64))[:, 1]
         pred_svm = svm.predict(K_te.astype(np.float64))
         t["ksvm"] = time.perf_counter() - t0
