@@ -18,7 +18,9 @@ from tangentlens.faithfulness import (
     aggregate,
     faithfulness,
     format_mean_se,
+    log_odds64,
     misclassification_overlap,
+    softmax64,
 )
 
 
@@ -101,12 +103,18 @@ def test_drop_saturated_like_the_reference():
     assert r.tau == pytest.approx(ref, abs=1e-6)
     full = faithfulness(z, d, y, tau_mode="class1")
     assert full.n_tau == 60 and full.tau != pytest.approx(r.tau)
-    # float32 logits saturate where float64 ones do not
+    # the saturation mask is the reference's float32 one whatever the caller's dtype; a float64
+    # mask (saturation_precision="float64") keeps the points whose float32 sigmoid(20) == 1.0
     z32 = np.full(n, 20.0, np.float32)
     z32[::2] = rng.normal(size=n // 2)
     r32 = faithfulness(z32, d, y, tau_mode="class1", drop_saturated=True)
     r64 = faithfulness(z32.astype(np.float64), d, y, tau_mode="class1", drop_saturated=True)
-    assert r32.n_tau < r64.n_tau
+    assert r32 == r64 and r32.n_tau == n // 2
+    f64 = faithfulness(z32, d, y, tau_mode="class1", drop_saturated=True,
+                       saturation_precision="float64")
+    assert f64.n_tau == n
+    with pytest.raises(UnknownKindError, match="saturation_precision"):
+        faithfulness(z32, d, y, drop_saturated=True, saturation_precision="float16")
 
 
 def test_accuracy_tad_gamma_hand_computed():
@@ -181,7 +189,8 @@ def test_torch_inputs_and_to_dict(multiclass):
     assert r == faithfulness(Zn, Zs, y)
     d = r.to_dict()
     assert set(d) >= {"tau", "tau_p", "tad", "gamma", "gamma_p", "r2", "n", "network_acc"}
-    assert all(type(v) in (int, float, str) for v in d.values())
+    assert all(type(v) in (int, float, str) for k, v in d.items() if k != "gamma_reason")
+    assert d["gamma_reason"] is None
     with pytest.raises(AttributeError):
         r.tau = 0.0  # frozen
 
@@ -290,5 +299,119 @@ def test_drop_saturated_matches_the_reference_computation() -> None:
     keep = ~((Y == 0) | (Y == 1) | (X == 0) | (X == 1))
     ref = kendalltau(X[keep], Y[keep]).correlation
     res = faithfulness(z_net, z_sur, y, tau_mode="class1", drop_saturated=True)
-    assert res.n_tau == int(keep.sum())
-    assert res.tau == pytest.approx(ref, abs=1e-12)
+    assert res.n_tau == int(keep.sum())  # the same points are dropped
+    # the kept points are ranked in float64: no float32 ties among near-saturated probabilities
+    Y64 = softmax(np.stack([np.zeros(n), z_net.astype(np.float64)], 1), axis=1)[:, 1]
+    assert res.tau == pytest.approx(kendalltau(X[keep], Y64[keep]).correlation, abs=1e-12)
+    assert res.tau == pytest.approx(ref, abs=1e-3)  # the float32 ties of the literal reference
+    # a float64 copy of the same logits gives the same result
+    assert faithfulness(z_net.astype(np.float64), z_sur, y, tau_mode="class1",
+                        drop_saturated=True) == res
+
+
+# --------------------------------------------------------------------------- caller's dtype
+
+
+def _confident_network(scale: float, seed: int = 0, n: int = 400, C: int = 10):
+    """A confident 10-class network: true-class margins up to 0.8 * scale (scale 30-50), and a
+    softer, noisy surrogate with the same ranking. A float32 softmax saturates to exactly 1.0 on
+    about half of these points; float64 on (almost) none."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, n)
+    Zn = rng.normal(size=(n, C))
+    Zn[np.arange(n), y] += scale * rng.uniform(0.0, 0.8, n)
+    Zs = 0.5 * Zn + rng.normal(size=(n, C))
+    return Zn, Zs, y
+
+
+@pytest.mark.parametrize("scale", [30.0, 40.0, 50.0])
+def test_tau_does_not_depend_on_the_callers_dtype(scale):
+    Zn, Zs, y = _confident_network(scale)
+    rows = np.arange(len(y))
+    p32 = softmax(Zn.astype(np.float32), 1)[rows, y]
+    assert np.mean(p32 == 1.0) > 0.2  # the float32 softmax really does saturate here
+    r64 = faithfulness(Zn, Zs, y)
+    r32 = faithfulness(Zn.astype(np.float32), Zs.astype(np.float32), y)
+    rt = faithfulness(torch.tensor(Zn, dtype=torch.float32), torch.tensor(Zs, dtype=torch.float32),
+                      torch.tensor(y))
+    assert abs(r32.tau - r64.tau) < 1e-3 and abs(rt.tau - r64.tau) < 1e-3
+    # τ is the float64 one: ranked on float64 probabilities
+    ref = stats.kendalltau(softmax(Zn, 1)[rows, y], softmax(Zs, 1)[rows, y]).statistic
+    assert r64.tau == pytest.approx(ref, abs=1e-12)
+    # ... which a float32 softmax would have lowered by ties (0.849 -> 0.804 at scale 40)
+    lowered = stats.kendalltau(p32, softmax(Zs.astype(np.float32), 1)[rows, y]).statistic
+    if scale >= 40:
+        assert r64.tau - lowered > 0.03
+    for name in ("tad", "gamma", "r2", "network_acc", "surrogate_acc"):
+        assert getattr(r32, name) == pytest.approx(getattr(r64, name), abs=1e-6, nan_ok=True)
+    lo32 = faithfulness(Zn.astype(np.float32), Zs.astype(np.float32), y, tau_mode="logit")
+    assert lo32.tau == pytest.approx(faithfulness(Zn, Zs, y, tau_mode="logit").tau, abs=1e-3)
+
+
+def test_n_saturated_counts_float64_ties():
+    Zn, Zs, y = _confident_network(50.0)
+    r = faithfulness(Zn, Zs, y)
+    rows = np.arange(len(y))
+    pn, ps = softmax(Zn, 1)[rows, y], softmax(Zs, 1)[rows, y]
+    expect = int(np.sum((pn == 0) | (pn == 1) | (ps == 0) | (ps == 1)))
+    assert expect > 0 and r.n_saturated == expect
+    assert faithfulness(Zn, Zs, y, tau_mode="logit").n_saturated == 0
+    assert faithfulness(Zn.astype(np.float32), Zs, y).n_saturated == expect
+
+
+def test_softmax64_and_log_odds64_are_float64_whatever_the_input():
+    Zn, _, y = _confident_network(40.0)
+    z32 = Zn.astype(np.float32)
+    p = softmax64(z32)
+    assert p.dtype == np.float64
+    assert_allclose(p, softmax(z32.astype(np.float64), 1), rtol=1e-15, atol=0)
+    assert_allclose(softmax64(torch.tensor(z32)), p, rtol=0, atol=0)
+    lo = log_odds64(z32, y)
+    rows = np.arange(len(y))
+    other = z32.astype(np.float64).copy()
+    other[rows, y] = -np.inf
+    assert_allclose(lo, z32[rows, y].astype(np.float64) - np.log(np.exp(other).sum(1)), rtol=1e-12)
+    assert np.all(np.isfinite(lo)) and lo.max() > 30  # never saturates
+    # a single logit z is [0, z]: probabilities [1 - sigmoid, sigmoid], log-odds +-z
+    z = np.array([-3.0, 0.5, 40.0], np.float32)
+    assert_allclose(softmax64(z)[:, 1], expit(z.astype(np.float64)), rtol=1e-15)
+    assert_allclose(log_odds64(z, [1, 0, 1]), [-3.0, -0.5, 40.0])
+    with pytest.raises(InputError, match="0..1"):
+        log_odds64(z, [2, 0, 1])
+
+
+# --------------------------------------------------------------------------- Γ's reason
+
+
+def test_gamma_reason_when_neither_model_errs():
+    y = np.array([0, 1, 1, 0, 1])
+    Z = np.where(y[:, None] == np.arange(2), 3.0, -1.0)
+    r = faithfulness(Z, 0.5 * Z + 0.1 * np.arange(5)[:, None], y)
+    assert math.isnan(r.gamma) and math.isnan(r.gamma_p) and math.isnan(r.gamma_p_fisher)
+    assert r.gamma_reason is not None and "neither model misclassifies" in r.gamma_reason
+    assert r.to_dict()["gamma_reason"] == r.gamma_reason
+    # only the surrogate errs: Γ = 0 trivially, with the reason
+    Zs = Z.copy()
+    Zs[0] = Zs[0, ::-1]
+    r2 = faithfulness(Z, Zs, y)
+    assert r2.gamma == 0.0 and r2.gamma_p == 1.0
+    assert "network makes no errors" in r2.gamma_reason
+    r3 = faithfulness(Zs, Z, y)
+    assert r3.gamma == 0.0 and "surrogate makes no errors" in r3.gamma_reason
+    # an informative Γ has no reason
+    both = faithfulness(Zs, Zs, y)
+    assert both.gamma == 1.0 and both.gamma_reason is None
+    # aggregate leaves the undefined Γ out and says why; format handles an all-NaN metric
+    agg = aggregate([r, r2, both])
+    assert agg["gamma"].n == 2 and agg["gamma"].mean == pytest.approx(0.5)
+    assert "gamma_reason" not in agg.metrics and "n_saturated" in agg.metrics
+    assert any("1 of 3 results left out (neither model misclassifies" in s for s in agg.notes)
+    assert any("trivial (the network makes no errors" in s for s in agg.notes)
+    assert agg.to_dict()["notes"] == list(agg.notes)
+    only = aggregate([r, r])
+    assert only["gamma"].n == 0 and only.formatted()["gamma"] == "nan"
+    assert only.notes == (f"gamma: 2 of 2 results left out ({r.gamma_reason}).",)
+    # plain dicts without a reason are still summarized
+    assert aggregate([{"gamma": float("nan")}]).notes == (
+        "gamma: 1 of 1 results left out (no reason given).",
+    )

@@ -9,6 +9,12 @@ logit of class ``c`` at a test point ``x`` decomposes over the N training points
 *opponents* those with the most negative. *Similar examples* are the largest entries of the kernel
 row ``kappa(x, .)`` itself (no surrogate involved).
 
+Which class is explained matters: :func:`explain` explains the *network's* predicted class when
+given the network's logits (``target="network"``, the default then), and flags the points where
+network and surrogate disagree. Every explained class reports its *coverage*: the share of the
+logit's positive (negative) mass that the k listed proponents (opponents) carry -- often small,
+because a kernel machine's logit is a sum of many small, partly cancelling terms.
+
 Results are small frozen dataclasses whose ``to_dict()`` returns plain Python (ints, floats, str,
 lists, None), so consumers need neither numpy nor pandas.
 """
@@ -80,9 +86,30 @@ class Attribution:
         }
 
 
+def _ratio(num: float, den: float) -> float | None:
+    return None if den == 0.0 else float(num / den)
+
+
 @dataclass(frozen=True)
 class ClassExplanation:
-    """Top proponents and opponents of one class at one test point.
+    """Top proponents and opponents of one class at one test point, and how much they carry.
+
+    With ``a_i = A_{c,i}(x)`` the N contributions to class ``c``, ``S+ = Σ_{a_i > 0} a_i`` and
+    ``S- = Σ_{a_i < 0} a_i`` (so ``S+ + S- = z_c(x) − b_c``), and ``P+`` / ``P-`` the top-k
+    proponents / opponents:
+
+    * ``coverage_pos = Σ_{i∈P+} a_i / S+`` -- the share of the positive mass that the top-k
+      proponents carry, in [0, 1] (``None`` when no contribution is positive);
+    * ``coverage_neg = Σ_{i∈P-} a_i / S-`` -- the same for the opponents and the negative mass,
+      in [0, 1] (``None`` when none is negative);
+    * ``coverage_logit = (Σ_{i∈P+} a_i + Σ_{i∈P-} a_i) / (z_c(x) − b_c)`` -- the share of the
+      logit (minus intercept) that the shown proponents and opponents sum to (``None`` when
+      ``z_c = b_c``). It is not confined to [0, 1]: when large positive and negative masses cancel
+      (a logit of +45 − 34 = 11) a few extreme contributions can sum to more than the logit, or
+      to the opposite sign.
+
+    A small ``coverage_pos`` means the explanation is spread over many training points and the
+    top-k list shows only a sliver of it.
 
     Attributes:
         class_index: Position of the class (column of the logits).
@@ -93,6 +120,8 @@ class ClassExplanation:
             first (fewer if fewer are positive).
         opponents: Up to k training points with the most negative contributions, most negative
             first.
+        positive_total: ``S+``, the sum of all positive contributions (>= 0).
+        negative_total: ``S-``, the sum of all negative contributions (<= 0).
     """
 
     class_index: int
@@ -101,14 +130,37 @@ class ClassExplanation:
     intercept: float
     proponents: tuple[Attribution, ...]
     opponents: tuple[Attribution, ...]
+    positive_total: float = 0.0
+    negative_total: float = 0.0
+
+    @property
+    def coverage_pos(self) -> float | None:
+        """``Σ top-k proponents / S+`` in [0, 1]; ``None`` when ``S+ = 0``."""
+        return _ratio(sum(a.contribution for a in self.proponents), self.positive_total)
+
+    @property
+    def coverage_neg(self) -> float | None:
+        """``Σ top-k opponents / S-`` in [0, 1]; ``None`` when ``S- = 0``."""
+        return _ratio(sum(a.contribution for a in self.opponents), self.negative_total)
+
+    @property
+    def coverage_logit(self) -> float | None:
+        """``(Σ top-k proponents + Σ top-k opponents) / (logit − intercept)``; ``None`` if 0/0."""
+        shown = sum(a.contribution for a in self.proponents + self.opponents)
+        return _ratio(shown, self.positive_total + self.negative_total)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-python dict."""
+        """Plain-python dict (coverages are ``None`` where undefined)."""
         return {
             "class_index": self.class_index,
             "class_label": self.class_label,
             "logit": self.logit,
             "intercept": self.intercept,
+            "positive_total": self.positive_total,
+            "negative_total": self.negative_total,
+            "coverage_pos": self.coverage_pos,
+            "coverage_neg": self.coverage_neg,
+            "coverage_logit": self.coverage_logit,
             "proponents": [a.to_dict() for a in self.proponents],
             "opponents": [a.to_dict() for a in self.opponents],
         }
@@ -120,21 +172,62 @@ class PointExplanation:
 
     Attributes:
         test_index: Row of the test x train block.
-        predicted_index: Position of the surrogate's predicted class (argmax of its logits).
+        predicted_index: Position of the surrogate's predicted class (argmax of its logits); also
+            available as ``surrogate_index``.
         predicted_label: ``classes_[predicted_index]``.
-        classes: One :class:`ClassExplanation` per explained class.
+        classes: One :class:`ClassExplanation` per class selected with ``classes=``.
+        target_index: The class whose logit is explained (see ``target`` of :func:`explain`).
+        target_label: ``classes_[target_index]``.
+        target_source: ``"network"``, ``"surrogate"`` or ``"given"`` (an explicit class array).
+        network_index: Position of the network's predicted class (argmax of ``network_logits``;
+            ``z > 0`` for a single logit), ``None`` when no network logits were given.
+        network_label: ``classes_[network_index]`` or ``None``.
+        agrees: ``network_index == predicted_index``; ``None`` without network logits. Where it
+            is ``False`` the surrogate's logit of the network's class is not the surrogate's own
+            decision, and the explanation describes a model that decides differently.
+        target: The :class:`ClassExplanation` of ``target_index`` (always computed, whether or not
+            ``classes`` selects it); its coverages are this point's coverage figures.
     """
 
     test_index: int
     predicted_index: int
     predicted_label: Any
     classes: tuple[ClassExplanation, ...]
+    target_index: int
+    target_label: Any
+    target_source: str
+    network_index: int | None
+    network_label: Any
+    agrees: bool | None
+    target: ClassExplanation
+
+    @property
+    def surrogate_index(self) -> int:
+        """The surrogate's predicted class position (= ``predicted_index``)."""
+        return self.predicted_index
+
+    @property
+    def coverage_pos(self) -> float | None:
+        """``target.coverage_pos``: share of the positive mass carried by the top-k proponents."""
+        return self.target.coverage_pos
+
+    @property
+    def coverage_neg(self) -> float | None:
+        """``target.coverage_neg``: share of the negative mass carried by the top-k opponents."""
+        return self.target.coverage_neg
+
+    @property
+    def coverage_logit(self) -> float | None:
+        """``target.coverage_logit``: share of ``z − b`` that the shown points sum to."""
+        return self.target.coverage_logit
 
     def for_class(self, class_index: int) -> ClassExplanation:
-        """The explanation of class position ``class_index``."""
+        """The explanation of class position ``class_index`` (the target's is always there)."""
         for c in self.classes:
             if c.class_index == class_index:
                 return c
+        if class_index == self.target_index:
+            return self.target
         raise InputError(
             f"class {class_index} was not explained for test point {self.test_index}."
         )
@@ -145,6 +238,16 @@ class PointExplanation:
             "test_index": self.test_index,
             "predicted_index": self.predicted_index,
             "predicted_label": self.predicted_label,
+            "target_index": self.target_index,
+            "target_label": self.target_label,
+            "target_source": self.target_source,
+            "network_index": self.network_index,
+            "network_label": self.network_label,
+            "agrees": self.agrees,
+            "coverage_pos": self.coverage_pos,
+            "coverage_neg": self.coverage_neg,
+            "coverage_logit": self.coverage_logit,
+            "target": self.target.to_dict(),
             "classes": [c.to_dict() for c in self.classes],
         }
 
@@ -164,6 +267,11 @@ class Explanation:
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.points)
+
+    @property
+    def disagreements(self) -> list[int]:
+        """Test indices where the network and the surrogate predict different classes."""
+        return [p.test_index for p in self.points if p.agrees is False]
 
     def to_dict(self) -> dict[str, Any]:
         """``{"k": int, "points": [...]}``, plain python."""
@@ -261,16 +369,114 @@ def contributions(surrogate: SurrogateLike, K_test_train: ArrayLike) -> np.ndarr
     return surrogate.contributions(K_test_train)
 
 
+def _network_classes(network_logits: ArrayLike, n: int, C: int) -> np.ndarray:
+    """(n,) argmax class positions of the network's logits (``z > 0`` for one logit)."""
+    from tangentlens.faithfulness import _as_logits
+
+    Z = _as_logits(network_logits, "network_logits")  # float64; (n,) / (n, 1) -> [0, z]
+    if Z.shape[0] != n:
+        raise InputError(
+            f"network_logits has {Z.shape[0]} rows but K_test_train has {n}; pass the network's "
+            "logits on the same test points, in the same order."
+        )
+    if Z.shape[1] != C:
+        raise InputError(
+            f"network_logits has {Z.shape[1]} classes (a single logit counts as two) but the "
+            f"surrogate has {C}; pass (n, {C}) logits whose columns follow surrogate.classes_."
+        )
+    return np.argmax(Z, axis=1)
+
+
+_TARGET_HELP = (
+    "pass target='network' (the network's predicted class; needs network_logits=), "
+    "target='surrogate' (the surrogate's predicted class) or an (n,) integer array of class "
+    "positions 0..{last} (one per test point; for one class everywhere np.full(n, c))"
+)
+
+
+def _resolve_target(
+    target: Literal["network", "surrogate"] | ArrayLike | None,
+    network_pred: np.ndarray | None,
+    n: int,
+    C: int,
+) -> tuple[np.ndarray | None, str]:
+    """``(explicit (n,) class positions or None for 'surrogate', source name)``."""
+    help_ = _TARGET_HELP.format(last=C - 1)
+    if target is None:
+        target = "surrogate" if network_pred is None else "network"
+    if isinstance(target, str):
+        if target == "network":
+            if network_pred is None:
+                raise InputError(
+                    "target='network' needs the network's logits: pass network_logits= (n, C) "
+                    "on the same test points, or use target='surrogate'."
+                )
+            return network_pred, "network"
+        if target == "surrogate":
+            return None, "surrogate"
+        raise InputError(f"Unknown target {target!r}; {help_}.")
+    if hasattr(target, "detach"):
+        target = target.detach().cpu().numpy()  # type: ignore[union-attr]
+    t = np.asarray(target)
+    if t.ndim != 1 or t.shape[0] != n:
+        raise InputError(f"target has shape {t.shape} but there are {n} test points; {help_}.")
+    if t.dtype.kind == "f" and np.all(np.isfinite(t)) and np.all(t == np.round(t)):
+        t = t.astype(np.int64)
+    if t.dtype.kind not in "iu" or (n and (t.min() < 0 or t.max() >= C)):
+        raise InputError(f"target must hold integer class positions 0..{C - 1}; {help_}.")
+    return t.astype(np.int64), "given"
+
+
+def _class_explanation(
+    c: int,
+    a: np.ndarray,
+    z: float,
+    b: float,
+    krow: np.ndarray,
+    k: int,
+    class_label: Any,
+    labels: list[Any] | None,
+) -> ClassExplanation:
+    return ClassExplanation(
+        class_index=c,
+        class_label=class_label,
+        logit=z,
+        intercept=b,
+        proponents=_attributions(_top(a, k, +1), a, krow, labels),
+        opponents=_attributions(_top(a, k, -1), a, krow, labels),
+        positive_total=float(a[a > 0].sum()),
+        negative_total=float(a[a < 0].sum()),
+    )
+
+
 def explain(
     surrogate: SurrogateLike,
     K_test_train: ArrayLike,
     k: int = 5,
     train_labels: ArrayLike | None = None,
     *,
-    classes: Literal["all", "predicted"] | Sequence[int] = "all",
+    network_logits: ArrayLike | None = None,
+    target: Literal["network", "surrogate"] | ArrayLike | None = None,
+    classes: Literal["all", "target", "predicted"] | Sequence[int] = "all",
     chunk_elements: int = 2**24,
 ) -> Explanation:
-    """Top-k proponents and opponents per test point and class.
+    """Top-k proponents and opponents per test point and class, for a chosen target class.
+
+    Each point's *target* is the class whose logit ``z_c(x) − b_c = Σ_i A_{c,i}(x)`` is explained:
+
+    * ``target="network"`` -- the network's own decision, ``argmax`` of ``network_logits`` (the
+      default when ``network_logits`` is given). The surrogate's decomposition of *that* class's
+      logit says which training points push the surrogate towards the network's answer;
+    * ``target="surrogate"`` -- the surrogate's predicted class (the default without
+      ``network_logits``: then the explanation answers "why does the surrogate decide this",
+      which differs from the network's decision wherever the two disagree);
+    * an (n,) integer array of class positions -- any class per point (e.g. the true labels).
+
+    With ``network_logits`` every point also records the network's class and ``agrees``, whether
+    the network and the surrogate predict the same class. Each point's target class carries the
+    coverage figures defined in :class:`ClassExplanation`: ``coverage_pos`` (share of the positive
+    contributions carried by the top-k proponents), ``coverage_neg`` (the same for opponents) and
+    ``coverage_logit`` (share of ``z − b`` that the shown proponents and opponents sum to).
 
     Args:
         surrogate: A fitted surrogate with ``class_coef_`` (C x N), ``class_intercept_`` and
@@ -282,8 +488,15 @@ def explain(
         K_test_train: (n, N) test x train kernel block (a single row (N,) is accepted).
         k: Number of proponents and of opponents per class (>= 1).
         train_labels: Optional (N,) training labels, copied into each :class:`Attribution`.
-        classes: ``"all"``, ``"predicted"`` (the surrogate's predicted class only) or a list of
-            class positions.
+        network_logits: Optional (n, C) logits of the network on the same test points, columns in
+            the order of ``surrogate.classes_`` (numpy or torch, any float dtype; (n,) or (n, 1)
+            for a single-logit binary network, class 1 where ``z > 0``).
+        target: ``"network"``, ``"surrogate"``, an (n,) array of class positions, or ``None``
+            (``"network"`` when ``network_logits`` is given, else ``"surrogate"``).
+        classes: Which classes to list in ``PointExplanation.classes``: ``"all"``, ``"target"``
+            (the target class only), ``"predicted"`` (the surrogate's predicted class only) or a
+            list of class positions. The target class is explained in ``PointExplanation.target``
+            in every case.
         chunk_elements: Rows are processed in chunks of about this many ``n*C*N`` contributions
             (8 bytes each) to bound memory.
 
@@ -292,8 +505,10 @@ def explain(
         Cost: O(n C N) time (contributions and an argsort per class), O(chunk_elements) memory.
 
     Raises:
-        InputError: unfitted surrogate, wrong number of columns, NaN/inf, bad ``k``, labels or
-            classes.
+        InputError: unfitted surrogate, wrong number of columns, NaN/inf, bad ``k``, labels,
+            classes, ``network_logits`` of the wrong shape, or a ``target`` that is not
+            ``"network"`` / ``"surrogate"`` / an (n,) array of class positions (the message says
+            what to pass); ``target="network"`` without ``network_logits``.
     """
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}.")
@@ -307,12 +522,16 @@ def explain(
     b = np.asarray(surrogate.class_intercept_, dtype=np.float64)
     C, N = W.shape
     K = _as_kernel(K_test_train, N)
+    n = K.shape[0]
     labels = _labels(train_labels, N)
     class_labels = [_py(c) for c in np.asarray(surrogate.classes_)]
+    net_pred = None if network_logits is None else _network_classes(network_logits, n, C)
+    given, source = _resolve_target(target, net_pred, n, C)
     if isinstance(classes, str):
-        if classes not in ("all", "predicted"):
+        if classes not in ("all", "target", "predicted"):
             raise InputError(
-                f"classes must be 'all', 'predicted' or a list of positions; got {classes!r}."
+                f"classes must be 'all', 'target', 'predicted' or a list of positions; got "
+                f"{classes!r}."
             )
         wanted: list[int] | None = list(range(C)) if classes == "all" else None
     else:
@@ -323,32 +542,37 @@ def explain(
     k = int(min(k, N))
     rows = max(1, int(chunk_elements // max(1, C * N)))
     points: list[PointExplanation] = []
-    for start in range(0, K.shape[0], rows):
+    for start in range(0, n, rows):
         Kb = K[start : start + rows]
         A = Kb[:, None, :] * W[None, :, :]  # (rows, C, N) == surrogate.contributions(Kb)
         Z = A.sum(axis=2) + b
         for r in range(Kb.shape[0]):
+            i = start + r
             pred = int(np.argmax(Z[r]))
-            cls_list = [pred] if wanted is None else wanted
-            expl = []
-            for c in cls_list:
-                a = A[r, c]
-                expl.append(
-                    ClassExplanation(
-                        class_index=c,
-                        class_label=class_labels[c],
-                        logit=float(Z[r, c]),
-                        intercept=float(b[c]),
-                        proponents=_attributions(_top(a, k, +1), a, Kb[r], labels),
-                        opponents=_attributions(_top(a, k, -1), a, Kb[r], labels),
-                    )
-                )
+            tgt = pred if given is None else int(given[i])
+            if wanted is not None:
+                cls_list = wanted
+            else:
+                cls_list = [tgt] if classes == "target" else [pred]
+            expl = {
+                c: _class_explanation(c, A[r, c], float(Z[r, c]), float(b[c]), Kb[r], k,
+                                      class_labels[c], labels)
+                for c in dict.fromkeys([*cls_list, tgt])
+            }
+            net = None if net_pred is None else int(net_pred[i])
             points.append(
                 PointExplanation(
-                    test_index=start + r,
+                    test_index=i,
                     predicted_index=pred,
                     predicted_label=class_labels[pred],
-                    classes=tuple(expl),
+                    classes=tuple(expl[c] for c in cls_list),
+                    target_index=tgt,
+                    target_label=class_labels[tgt],
+                    target_source=source,
+                    network_index=net,
+                    network_label=None if net is None else class_labels[net],
+                    agrees=None if net is None else net == pred,
+                    target=expl[tgt],
                 )
             )
     return Explanation(points=tuple(points), k=k)

@@ -11,11 +11,15 @@ Logit conventions (both arguments):
   read as the two-class logits ``[0, z]``, so ``p(class 1) = sigmoid(z)`` and the prediction is
   ``z > 0``.
 
-Probabilities are computed in the floating dtype of each input (float32 logits give float32
-probabilities, which saturate to exactly 0 or 1 much earlier than float64 ones; pass float64 to
-avoid ties from saturation). To compare probabilities that are not a softmax of logits (e.g.
-Platt-scaled SVM probabilities or scikit-learn's one-vs-rest SGD probabilities) pass ``np.log(p)``:
-``softmax(log p) = p``.
+Precision: every input is converted to float64 numpy *before* anything is computed, so softmax
+probabilities, log-odds, ranks and every metric are the same whether the caller hands over float32
+or float64 logits (or torch tensors of either). A float32 softmax saturates to exactly 1.0 once the
+true-class log-odds exceed about 16.6 (1 − p < 2⁻²⁵), which ties every confident point and lowers τ;
+in float64 that happens only above about 37.4 (1 − p < 2⁻⁵⁴). ``tau_mode="logit"`` never
+saturates. :func:`softmax64` and :func:`log_odds64` are the same float64 helpers for callers that
+need the probabilities themselves (the demo uses them). To compare probabilities that are not a
+softmax of logits (e.g. Platt-scaled SVM probabilities or scikit-learn's one-vs-rest SGD
+probabilities) pass ``np.log(p)``: ``softmax(log p) = p``.
 """
 
 from __future__ import annotations
@@ -40,11 +44,15 @@ __all__ = [
     "aggregate",
     "faithfulness",
     "format_mean_se",
+    "log_odds64",
     "misclassification_overlap",
+    "softmax64",
 ]
 
 TauMode = Literal["true_class", "class1", "logit"]
 _TAU_MODES = ("true_class", "class1", "logit")
+SaturationPrecision = Literal["float32", "float64"]
+_SATURATION_PRECISIONS = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,8 @@ class FaithfulnessResult:
         tad: Test accuracy differential, ``surrogate_acc - network_acc`` (a fraction, not pp).
         network_acc: Network accuracy (argmax of its logits vs ``labels``).
         surrogate_acc: Surrogate accuracy.
-        gamma: Misclassification overlap ``|both wrong| / |either wrong|``; NaN when neither errs.
+        gamma: Misclassification overlap ``|both wrong| / |either wrong|``; NaN when neither errs
+            (``gamma_reason`` then says so).
         gamma_p: The reference's binomial p-value of ``gamma`` under independence (see
             :func:`misclassification_overlap`); NaN when ``gamma`` is NaN.
         gamma_p_fisher: One-sided exact (hypergeometric, Fisher) p-value of observing at least
@@ -72,6 +81,14 @@ class FaithfulnessResult:
         surrogate_errors: Omega, the number of surrogate errors.
         both_errors: Points both get wrong.
         tau_mode: The confidence used for tau.
+        gamma_reason: ``None`` when Γ is defined and informative. Otherwise a sentence saying why
+            it is not: ``"neither model misclassifies any test point ..."`` (Γ = 0/0, reported as
+            NaN with NaN p-values), or ``"the network makes no errors ..."`` /
+            ``"the surrogate makes no errors ..."`` (Γ = 0 trivially, p-values 1).
+        n_saturated: Points (of the ``n_tau`` used) whose network or surrogate τ probability is
+            exactly 0.0 or 1.0 in float64, i.e. tied by rounding (true-class log-odds beyond
+            about ±37.4); 0 for ``tau_mode="logit"``. When it is a large share of ``n_tau``,
+            prefer ``tau_mode="logit"``.
     """
 
     tau: float
@@ -89,21 +106,27 @@ class FaithfulnessResult:
     surrogate_errors: int
     both_errors: int
     tau_mode: str
+    gamma_reason: str | None = None
+    n_saturated: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-python dict (floats, ints, str)."""
+        """Plain-python dict (floats, ints, str, and ``None`` for an absent ``gamma_reason``)."""
         return asdict(self)
 
 
 def _as_logits(x: ArrayLike, name: str) -> np.ndarray:
-    """(n, C>=2) floating logits; single-logit binary inputs become ``[0, z]``."""
+    """(n, C>=2) float64 logits; single-logit binary inputs become ``[0, z]``.
+
+    The conversion to float64 comes first, whatever the input's dtype (float16/32/64, integers,
+    torch tensors), so nothing downstream depends on the caller's precision.
+    """
     if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu().numpy()  # type: ignore[union-attr]
+        x = x.detach().cpu()  # type: ignore[union-attr]
+        x = x.double().numpy() if x.is_floating_point() else x.numpy()  # type: ignore[union-attr]
     a = np.asarray(x)
     if a.dtype.kind not in "fiu":
         raise InputError(f"{name} must be a numeric array of logits, got dtype {a.dtype}.")
-    if a.dtype.kind != "f" or a.dtype == np.float16:
-        a = a.astype(np.float64)
+    a = a.astype(np.float64)
     if a.ndim == 1:
         a = a[:, None]
     if a.ndim != 2:
@@ -115,6 +138,96 @@ def _as_logits(x: ArrayLike, name: str) -> np.ndarray:
     if a.shape[1] == 1:
         a = np.concatenate([np.zeros_like(a), a], axis=1)
     return a
+
+
+def softmax64(logits: ArrayLike) -> np.ndarray:
+    """Softmax over the last axis, computed in float64 whatever the input dtype.
+
+    ``p_c = exp(z_c − max z) / Σ_c' exp(z_c' − max z)`` after converting ``logits`` (numpy, torch,
+    any float or integer dtype) to float64. A (n,) or (n, 1) input is a single-logit binary model
+    and gives the (n, 2) probabilities of ``[0, z]``, i.e. ``[1 − σ(z), σ(z)]``.
+
+    Args:
+        logits: (n, C) logits, or (n,) / (n, 1) single logits.
+
+    Returns:
+        (n, C) float64 probabilities (C = 2 for single logits). Cost O(n C).
+
+    Raises:
+        InputError: non-numeric, empty, non-finite or more than 2-D input.
+    """
+    return softmax(_as_logits(logits, "logits"), axis=1)
+
+
+def log_odds64(logits: ArrayLike, labels: ArrayLike) -> np.ndarray:
+    """Log-odds of the labelled class, ``z_y − logsumexp_{c≠y} z_c``, in float64.
+
+    Equal to ``log p_y − log(1 − p_y)`` with ``p = softmax(z)``, but computed without forming
+    ``p``, so it never saturates (float64 ``p_y`` rounds to 1.0 once this exceeds about 37.4). For
+    two classes it is ``z_y − z_other``; for a single logit ``z`` it is ``z`` (label 1) or ``−z``
+    (label 0).
+
+    Args:
+        logits: (n, C) logits, or (n,) / (n, 1) single logits (any float dtype; converted to
+            float64 first).
+        labels: (n,) integer class positions ``0..C-1``.
+
+    Returns:
+        (n,) float64 log-odds. Cost O(n C).
+
+    Raises:
+        InputError: bad logits, or labels of the wrong length or out of range.
+    """
+    Z = _as_logits(logits, "logits")
+    y = _as_labels(labels, Z.shape[0], Z.shape[1])
+    return _confidence(Z, y, "logit")
+
+
+def _as_labels(labels: ArrayLike, n: int, C: int) -> np.ndarray:
+    """(n,) int64 class positions in 0..C-1, or an :class:`InputError` saying what to pass."""
+    if hasattr(labels, "detach"):
+        labels = labels.detach().cpu().numpy()  # type: ignore[union-attr]
+    y = np.asarray(labels)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise InputError(f"labels must be 1-D (n,), got shape {y.shape}.")
+    if y.shape[0] != n:
+        raise InputError(
+            f"network_logits, surrogate_logits and labels must cover the same test points: got "
+            f"{n} logit rows and {y.shape[0]} labels."
+        )
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise InputError("labels must be integer class positions 0..C-1.")
+        y = y.astype(np.int64)
+    if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= C:
+        lo, hi = (y.min(), y.max()) if y.dtype.kind in "iuf" else ("?", "?")
+        raise InputError(
+            f"labels must be integer class positions in 0..{C - 1} (the logit columns); got "
+            f"values in [{lo}, {hi}]. Map labels with np.searchsorted(classes_, y)."
+        )
+    return y.astype(np.int64)
+
+
+def _gamma_reason(network_errors: int, surrogate_errors: int) -> str | None:
+    """Why Γ is undefined or trivial for these error counts (``None`` when it is informative)."""
+    if network_errors == 0 and surrogate_errors == 0:
+        return (
+            "neither model misclassifies any test point, so there are no errors to overlap "
+            "(Γ = 0/0 is undefined)"
+        )
+    if network_errors == 0:
+        return (
+            "the network makes no errors on these test points, so no error can be shared "
+            "(Γ = 0 trivially, p = 1)"
+        )
+    if surrogate_errors == 0:
+        return (
+            "the surrogate makes no errors on these test points, so no error can be shared "
+            "(Γ = 0 trivially, p = 1)"
+        )
+    return None
 
 
 def misclassification_overlap(
@@ -208,33 +321,50 @@ def faithfulness(
     *,
     tau_mode: TauMode = "true_class",
     drop_saturated: bool = False,
+    saturation_precision: SaturationPrecision = "float32",
 ) -> FaithfulnessResult:
     """Compare a surrogate with its network on the same test points.
 
-    Kendall τ-b (``scipy.stats.kendalltau``) is taken between the network's and the surrogate's
-    confidence per test point:
+    Both logit arrays are converted to float64 first, so every number below is the same for
+    float32 and float64 inputs (see the module docstring). Kendall τ-b
+    (``scipy.stats.kendalltau``) is taken between the network's and the surrogate's confidence
+    per test point:
 
-    * ``"true_class"`` (default): softmax probability of the true class;
+    * ``"true_class"`` (default): softmax probability of the true class,
+      ``p_y = exp(z_y) / Σ_c exp(z_c)`` (float64);
     * ``"class1"``: probability of class 1 (binary models only) -- the reference's choice;
     * ``"logit"``: true-class log-odds ``z_y − logsumexp_{c≠y} z_c`` (for two classes
       ``z_y − z_other``; for a single-logit model ``±z``). Rank-equivalent to ``"true_class"`` in
       exact arithmetic, but computed without ever saturating, so it has no float ties.
 
+    τ-b = (n_c − n_d) / sqrt((n_0 − n_1)(n_0 − n_2)) over the n_0 = n(n−1)/2 pairs (n_c concordant,
+    n_d discordant pairs, n_1 / n_2 pairs tied in the network's / surrogate's confidence). Without
+    ties a random pair of test points is ranked the same way by both with probability (1 + τ)/2.
+
     With ``drop_saturated=True`` (the reference's handling; probability modes only) points where the
-    *network's* τ probability is exactly 0.0 or 1.0 in its float dtype are dropped before τ, and the
-    surrogate is ranked by the log-odds of the same probability (rank-equivalent, never saturating), as
-    the reference's softmax across test points of the surrogate logits was. A surrogate with huge logits
-    thus loses no points to its own float saturation.
+    *network's* τ probability is exactly 0.0 or 1.0 at ``saturation_precision`` are dropped before
+    τ. The default ``"float32"`` is the reference's: a softmax computed in float32 (as its float32
+    networks did) from the logits rounded to float32, which is 1.0 once the log-odds exceed about
+    16.6 and 0.0 below about −88.7. Only this mask uses float32, and it is computed the same way
+    for float32 and float64 inputs, so the dropped points do not depend on the caller's dtype
+    (beyond float64 logits within a float32 rounding of the threshold). The kept points are ranked in
+    float64, the network by its probability and the surrogate by the log-odds of the same
+    probability (rank-equivalent, never saturating), as the reference's softmax across test points
+    of the surrogate logits was. A surrogate with huge logits thus loses no points to its own float
+    saturation.
 
     Accuracy, TAD, Γ and R² always use all points. Predictions are the argmax of the logits
-    (``z > 0`` for single-logit models); labels are class positions ``0..C-1``.
+    (``z > 0`` for single-logit models); labels are class positions ``0..C-1``. Γ is undefined when
+    neither model errs and trivial (0) when only one does; ``gamma_reason`` then says which.
 
     Args:
-        network_logits: (n, C) or (n,) network logits (numpy or torch).
+        network_logits: (n, C) or (n,) network logits (numpy or torch, any float dtype).
         surrogate_logits: (n, C) or (n,) surrogate logits (e.g. ``KernelSurrogate.logits``).
         labels: (n,) integer true labels in ``0..C-1``.
         tau_mode: ``"true_class"``, ``"class1"`` or ``"logit"``.
-        drop_saturated: Drop saturated probabilities before τ.
+        drop_saturated: Drop saturated network probabilities before τ.
+        saturation_precision: ``"float32"`` (default, the reference's) or ``"float64"``: the
+            precision at which ``drop_saturated`` tests for exactly 0 or 1.
 
     Returns:
         A :class:`FaithfulnessResult`. Cost: O(n log n) for τ, O(n C) otherwise.
@@ -242,24 +372,22 @@ def faithfulness(
     Raises:
         InputError: shapes or lengths disagree, labels out of range, non-finite logits,
             ``"class1"`` on a model with more than two classes, fewer than 2 points left for τ.
-        UnknownKindError: unknown ``tau_mode``.
+        UnknownKindError: unknown ``tau_mode`` or ``saturation_precision``.
     """
     if tau_mode not in _TAU_MODES:
         raise UnknownKindError(f"Unknown tau_mode {tau_mode!r}; use one of {_TAU_MODES}.")
+    if saturation_precision not in _SATURATION_PRECISIONS:
+        raise UnknownKindError(
+            f"Unknown saturation_precision {saturation_precision!r}; use one of "
+            f"{_SATURATION_PRECISIONS}."
+        )
     Zn = _as_logits(network_logits, "network_logits")
     Zs = _as_logits(surrogate_logits, "surrogate_logits")
-    if hasattr(labels, "detach"):
-        labels = labels.detach().cpu().numpy()  # type: ignore[union-attr]
-    y = np.asarray(labels)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise InputError(f"labels must be 1-D (n,), got shape {y.shape}.")
     n = Zn.shape[0]
-    if Zs.shape[0] != n or y.shape[0] != n:
+    if Zs.shape[0] != n:
         raise InputError(
             f"network_logits, surrogate_logits and labels must cover the same test points: got "
-            f"{n}, {Zs.shape[0]} and {y.shape[0]} rows."
+            f"{n} and {Zs.shape[0]} logit rows."
         )
     if Zn.shape[1] != Zs.shape[1]:
         raise InputError(
@@ -267,15 +395,7 @@ def faithfulness(
             "(a single logit counts as two classes); pass logits over the same classes."
         )
     C = Zn.shape[1]
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise InputError("labels must be integer class positions 0..C-1.")
-        y = y.astype(np.int64)
-    if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= C:
-        raise InputError(
-            f"labels must be integer class positions in 0..{C - 1} (the logit columns); got "
-            f"values in [{y.min()}, {y.max()}]. Map labels with np.searchsorted(classes_, y)."
-        )
+    y = _as_labels(labels, n, C)
     if tau_mode == "class1" and C != 2:
         raise InputError(
             f"tau_mode='class1' is for binary models, but the logits have {C} classes; use "
@@ -285,9 +405,16 @@ def faithfulness(
     an = _confidence(Zn, y, tau_mode)
     keep = np.ones(n, dtype=bool)
     if drop_saturated and tau_mode != "logit":
-        # the reference: drop points whose *network* probability is exactly 0 or 1, and rank the
-        # surrogate by a monotone, non-saturating score of the same probability (its log-odds)
-        keep = (an > 0) & (an < 1)
+        # the reference: drop points whose *network* probability is exactly 0 or 1 (at the
+        # reference's float32 precision by default), and rank the surrogate by a monotone,
+        # non-saturating score of the same probability (its log-odds)
+        if saturation_precision == "float32":
+            # the reference's float32 softmax (computed in float32, as its network did); only the
+            # mask comes from it, so float32 and float64 logits drop the same points
+            sat = _confidence(Zn.astype(np.float32), y, tau_mode)
+        else:
+            sat = an
+        keep = (sat > 0) & (sat < 1)
         as_ = _log_odds(Zs, y, tau_mode)
     else:
         as_ = _confidence(Zs, y, tau_mode)
@@ -295,11 +422,18 @@ def faithfulness(
     if n_tau < 2:
         raise InputError(
             f"Only {n_tau} test points are left for Kendall tau (after dropping saturated "
-            "probabilities); pass more points, float64 logits or drop_saturated=False."
+            "probabilities); pass more points, use tau_mode='logit' or drop_saturated=False."
         )
     res = stats.kendalltau(an[keep], as_[keep], variant="b")
     tau = float(res.statistic)
     tau_p = float(res.pvalue)
+    if tau_mode == "logit":
+        n_saturated = 0
+    else:
+        sat_n = (an == 0.0) | (an == 1.0)
+        # with drop_saturated the surrogate is ranked by its log-odds, which never saturate
+        sat_s = np.zeros(n, dtype=bool) if drop_saturated else (as_ == 0.0) | (as_ == 1.0)
+        n_saturated = int(((sat_n | sat_s) & keep).sum())
 
     pred_n = np.argmax(Zn, axis=1)
     pred_s = np.argmax(Zs, axis=1)
@@ -324,6 +458,8 @@ def faithfulness(
         surrogate_errors=int(wrong_s.sum()),
         both_errors=int(np.logical_and(wrong_n, wrong_s).sum()),
         tau_mode=tau_mode,
+        gamma_reason=_gamma_reason(int(wrong_n.sum()), int(wrong_s.sum())),
+        n_saturated=n_saturated,
     )
 
 
@@ -354,10 +490,19 @@ class MeanSE:
 
 @dataclass(frozen=True)
 class AggregateResult:
-    """Per-metric :class:`MeanSE` over several :class:`FaithfulnessResult` (or dicts)."""
+    """Per-metric :class:`MeanSE` over several :class:`FaithfulnessResult` (or dicts).
+
+    Attributes:
+        metrics: ``{metric: MeanSE}`` over the finite values of each numeric metric.
+        n_results: Number of results aggregated.
+        notes: Why values were left out, e.g. ``"gamma: 2 of 5 results left out (neither model
+            misclassifies any test point, ...)"`` -- one line per metric with undefined values
+            whose results carried a ``gamma_reason``.
+    """
 
     metrics: Mapping[str, MeanSE]
     n_results: int
+    notes: tuple[str, ...] = ()
 
     def __getitem__(self, name: str) -> MeanSE:
         return self.metrics[name]
@@ -367,15 +512,16 @@ class AggregateResult:
         return {k: v.format() for k, v in self.metrics.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"n_results": int, "metrics": {name: {"mean", "se", "n"}}}``, plain python."""
+        """``{"n_results", "metrics": {name: {"mean", "se", "n"}}, "notes"}``, plain python."""
         return {
             "n_results": self.n_results,
             "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
+            "notes": list(self.notes),
         }
 
 
 _NUMERIC_FIELDS = tuple(
-    f.name for f in fields(FaithfulnessResult) if f.name not in ("tau_mode",)
+    f.name for f in fields(FaithfulnessResult) if f.name not in ("tau_mode", "gamma_reason")
 )
 
 
@@ -384,7 +530,8 @@ def aggregate(results: Iterable[FaithfulnessResult | Mapping[str, Any]]) -> Aggr
 
     ``se = std(values, ddof=1) / sqrt(k)`` over the ``k`` finite values of a metric; NaN values
     (e.g. ``gamma`` for a seed where neither model errs -- the reference skipped those seeds)
-    are left out and ``MeanSE.n`` says how many remained. With one value the SE is NaN.
+    are left out and ``MeanSE.n`` says how many remained; the results' ``gamma_reason`` strings
+    are summarized in ``AggregateResult.notes``. With one value the SE is NaN.
 
     Args:
         results: :class:`FaithfulnessResult` objects or dicts of metric -> number.
@@ -412,7 +559,14 @@ def aggregate(results: Iterable[FaithfulnessResult | Mapping[str, Any]]) -> Aggr
             continue
         se = float(np.std(vals, ddof=1) / math.sqrt(k)) if k > 1 else math.nan
         out[name] = MeanSE(float(vals.mean()), se, k)
-    return AggregateResult(metrics=out, n_results=len(rows))
+    notes: list[str] = []
+    undefined = [r for r in rows if "gamma" in r and not math.isfinite(float(r["gamma"]))]
+    trivial = [r for r in rows if r.get("gamma_reason") and r not in undefined]
+    for group, what in ((undefined, "left out"), (trivial, "trivial")):
+        why = [str(r.get("gamma_reason") or "no reason given") for r in group]
+        for w in dict.fromkeys(why):
+            notes.append(f"gamma: {why.count(w)} of {len(rows)} results {what} ({w}).")
+    return AggregateResult(metrics=out, n_results=len(rows), notes=tuple(notes))
 
 
 def _round_half_up(x: float, decimals: int) -> Decimal:
