@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from html import escape
 
 import numpy as np
 import pytest
@@ -126,3 +127,128 @@ def test_write_report_missing_image(tmp_path) -> None:
 def test_format_handles_extremes() -> None:
     assert format_value(-0.00001) == "-1.00e-05"
     assert format_value(-math.inf) == "-inf"
+
+
+# ------------------------------------------------------------------ verdict, column legends, extras
+
+
+def test_write_report_verdict_legends_tables_and_extra(tmp_path) -> None:
+    columns = {"kernel": "the kernel", "target": "what it was fitted to", "tau": "Kendall <tau>",
+               "TAD (pp)": "accuracy differential, percentage points", "p": "p-value", "n": "points"}
+    expl_rows = [{"test digit": 3, "agree": False, "top-k + (%)": 12.5}]
+    expl_cols = {"test digit": "row", "agree": "same class?", "top-k + (%)": "share, percent"}
+    index = write_report(
+        tmp_path, ROWS, [], {}, verdict="trNTK wins: tau = 0.81 & more",
+        columns=columns, tables=[("Explanations", expl_rows, expl_cols)],
+        extra={"explanations": {"points": [{"coverage": np.float64(0.25), "agrees": np.bool_(True),
+                                            "idx": np.arange(3), "nan": float("nan")}]}},
+    )
+    html = index.read_text(encoding="utf-8")
+    assert '<p class="verdict">trNTK wins: tau = 0.81 &amp; more</p>' in html
+    assert html.index("verdict") < html.index("<h2>Faithfulness</h2>")
+    # every column of both tables is labelled: a tooltip on its header and a legend entry
+    for cols in (columns, expl_cols):
+        for name, text in cols.items():
+            assert f'<th title="{escape(text)}">{escape(name)}</th>' in html
+            assert f"<dt>{escape(name)}</dt><dd>{escape(text)}</dd>" in html
+    assert "<h2>Explanations</h2>" in html and html.count('<table class="results">') == 2
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["verdict"].startswith("trNTK wins")
+    assert payload["columns"] == columns
+    assert payload["tables"]["Explanations"] == expl_rows
+    point = payload["explanations"]["points"][0]
+    assert point == {"coverage": 0.25, "agrees": True, "idx": [0, 1, 2], "nan": None}
+    with pytest.raises(InputError, match="rows"):
+        write_report(tmp_path, ROWS, [], {}, extra={"rows": []})
+
+
+def test_gallery_query_colors(tmp_path) -> None:
+    imgs = np.zeros((2, 8, 8))
+    cells = np.zeros((2, 1, 8, 8))
+    p = gallery(tmp_path / "g.png", imgs, cells, np.ones((2, 1)), cells, -np.ones((2, 1)),
+                query_titles=["net 1 / sur 8 ✗ disagree", "net 3 / sur 3 ✓"],
+                query_colors=["tab:red", "black"])
+    assert _png_ok(p)
+    with pytest.raises(InputError, match="query_colors"):
+        gallery(tmp_path / "g.png", imgs, cells, np.ones((2, 1)), cells, -np.ones((2, 1)),
+                query_colors=["red"])
+
+
+# ------------------------------------------------------------------ the demo's report
+
+
+def test_verdict_in_words() -> None:
+    from types import SimpleNamespace
+
+    from tangentlens.demo import SURROGATES, _verdict
+
+    specs = {s.name: s for s in SURROGATES}
+    rows = [
+        {"kernel": "trNTK", "target": "labels", "tau": 0.70, "TAD (pp)": -0.5},
+        {"kernel": "trNTK", "target": "distilled", "tau": 0.95, "TAD (pp)": 0.0},
+        {"kernel": "CK", "target": "labels", "tau": 0.40, "TAD (pp)": 1.0},
+    ]
+    pts = [SimpleNamespace(coverage_pos=c, coverage_neg=c / 2) for c in (0.1, 0.2, 0.3)]
+    expl = type("E", (), {"disagreements": [7], "__iter__": lambda self: iter(pts)})()
+    text = _verdict(rows, specs, 1e-4, rows[1], expl, 100, 3, [2, 7])
+    assert text.startswith("The trNTK kGLM distilled from the network's softmax probabilities")
+    assert "tracks the network most closely: Kendall τ = 0.95" in text
+    assert "the same way 97.5% of the time" in text
+    assert "exactly as accurate" in text
+    assert "most faithful is the trNTK kGLM (labels), τ = 0.70 (85.0% of pairs)" in text
+    assert "least faithful is CK / labels (τ = 0.40)" in text
+    assert "median 20% of the positive contributions" in text and "10% of the negative" in text
+    assert "different classes on 1 of 100 test digits; the gallery shows 1 of them (test digit 7" in text
+
+
+def _small_demo(tmp_path, **overrides):
+    import io
+
+    from tangentlens.demo import KERNELS, SURROGATES, DemoConfig, run_demo
+
+    kernels = [k for k in KERNELS if k.name in ("trNTK", "CK")]
+    cfg = dict(n_train=150, n_test=60, epochs=4, gallery_rows=3, top_k=2, progress=False)
+    cfg.update(overrides)
+    out = io.StringIO()
+    res = run_demo(DemoConfig(out=tmp_path / "r", seed=2, **cfg), kernels=kernels,
+                   surrogates=SURROGATES, stdout=out)
+    return res, out.getvalue()
+
+
+def test_demo_report_verdict_labels_and_explanations(tmp_path) -> None:
+    from tangentlens.demo import EXPLANATION_COLUMNS, FAITHFULNESS_COLUMNS
+
+    res, text = _small_demo(tmp_path)
+    best = max(res.rows, key=lambda r: r["tau"])
+    assert "verdict: " in text and res.verdict in text
+    assert f"Kendall τ = {best['tau']:.2f}" in res.verdict
+    assert f"{50 * (1 + best['tau']):.1f}% of the time" in res.verdict
+    html = res.index.read_text(encoding="utf-8")
+    assert '<p class="verdict">' in html
+    # every column of both tables has a description
+    assert set(res.rows[0]) <= set(FAITHFULNESS_COLUMNS)
+    for name in [*res.rows[0], *EXPLANATION_COLUMNS]:
+        assert f"<dt>{escape(name)}</dt>" in html
+    payload = json.loads((res.index.parent / "results.json").read_text())
+    assert payload["most_faithful"] == {"kernel": best["kernel"], "target": best["target"],
+                                        "tau": pytest.approx(best["tau"])}
+    assert len(payload["faithfulness"]) == len(res.rows)
+    assert all("gamma_reason" in f and "n_saturated" in f for f in payload["faithfulness"])
+    ex = payload["explanations"]
+    assert ex["surrogate"] == {"kernel": best["kernel"], "target": best["target"]}
+    assert ex["target"] == "network" and ex["k"] == 2 and len(ex["points"]) == 60
+    for p in ex["points"]:
+        assert p["target_class"] == p["network_class"]
+        assert p["agrees"] == (p["network_class"] == p["surrogate_class"])
+        assert 0 <= p["coverage_pos"] <= 1 and 0 <= p["coverage_neg"] <= 1
+        assert 1 <= len(p["proponents"]) <= 2 and {"train_index", "label", "contribution"} <= set(
+            p["proponents"][0])
+        assert p["positive_total"] + p["negative_total"] == pytest.approx(
+            p["logit"] - p["intercept"], abs=1e-9)
+    assert ex["disagreements"] == [p["test_index"] for p in ex["points"] if not p["agrees"]]
+    assert len(ex["gallery"]) == 3
+    # the explanation the demo returns is the network's class by the most faithful surrogate
+    assert res.explanation[0].target_source == "network"
+    table = payload["tables"]
+    (rows,) = table.values()
+    assert [r["test digit"] for r in rows] == ex["gallery"]

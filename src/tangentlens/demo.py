@@ -11,10 +11,15 @@ Steps (each seeded; the same seed gives the same table):
    evaluated on K*: the exact L-BFGS solver on the true labels (the reference's target), the same solver on
    the network's soft probabilities (a distilled surrogate), and the reference SGD settings on trNTK;
 5. faithfulness (Kendall-τ of the true-class probability, test accuracy differential, misclassification
-   overlap Γ with its binomial p-value, linearization R²) from :func:`tangentlens.faithfulness.faithfulness`;
-6. a report folder: ``index.html`` (self-contained), ``scatter.png`` (network vs surrogate true-class
-   confidence, trNTK), ``gallery.png`` (test digits with their top proponents and opponents) and
-   ``results.json``.
+   overlap Γ with its binomial p-value, linearization R², all in float64) from
+   :func:`tangentlens.faithfulness.faithfulness`;
+6. the most faithful surrogate (highest τ) explains the *network's* predicted class on every test digit
+   (:func:`tangentlens.explain.explain` with ``target="network"``): top proponents and opponents, their
+   coverage of the logit, and whether network and surrogate agree;
+7. a report folder: ``index.html`` (self-contained: a verdict in words, the tables with every column
+   explained, the figures, the configuration), ``scatter.png`` (network vs surrogate true-class
+   confidence, trNTK), ``gallery.png`` (test digits with the top proponents and opponents of the network's
+   class) and ``results.json`` (the table, the full metrics, the verdict and the per-digit explanations).
 
 Kernels and surrogates are *data* (:class:`KernelSpec`, :class:`SurrogateSpec`): add a row to the tuples to
 add one to the demo.
@@ -325,6 +330,10 @@ class DemoResult:
         images: paths of the PNG figures.
         meta: configuration, versions and timings written into the report.
         notes: remarks (skipped kernels, ...).
+        verdict: the report's conclusion in plain English (most faithful surrogate, what its τ means,
+            coverage and disagreements of its explanations).
+        explanation: the :class:`tangentlens.explain.Explanation` of the network's predicted class on
+            every test digit by the most faithful surrogate.
     """
 
     rows: list[dict[str, Any]]
@@ -333,15 +342,18 @@ class DemoResult:
     images: list[Path]
     meta: dict[str, Any]
     notes: list[str]
+    verdict: str = ""
+    explanation: Any = None
 
 
 # --------------------------------------------------------------------------------------------------------
 # Adapters to the surrogate, faithfulness and explanation modules.
 # --------------------------------------------------------------------------------------------------------
 def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    """Row softmax in float64 whatever ``z``'s dtype (:func:`tangentlens.faithfulness.softmax64`)."""
+    from tangentlens.faithfulness import softmax64
+
+    return softmax64(z)
 
 
 def _fit_surrogate(
@@ -395,69 +407,124 @@ def _surrogate_logits(surrogate: Any, k_test: np.ndarray) -> np.ndarray:
     return z
 
 
-def _metrics(network_logits: np.ndarray, surrogate_logits: np.ndarray, labels: np.ndarray) -> dict:
-    """τ, TAD, Γ, p, R² and accuracies from :func:`tangentlens.faithfulness.faithfulness`."""
+def _metrics(
+    network_logits: np.ndarray, surrogate_logits: np.ndarray, labels: np.ndarray
+) -> tuple[dict[str, Any], Any]:
+    """The table's τ, TAD, Γ, p, R² and accuracy, and the full
+    :class:`~tangentlens.faithfulness.FaithfulnessResult` (float64 throughout)."""
     from tangentlens.faithfulness import faithfulness
 
     res = faithfulness(network_logits, surrogate_logits, labels)
-
-    def pick(*names: str) -> float | None:
-        for n in names:
-            if isinstance(res, dict) and n in res:
-                return res[n]
-            if hasattr(res, n):
-                return getattr(res, n)
-        return None
-
-    tad = pick("tad", "test_accuracy_differential")
-    sacc = pick("surrogate_acc", "surrogate_accuracy")
-    if sacc is None:
-        sacc = float((surrogate_logits.argmax(1) == labels).mean())
-    return {
-        "tau": pick("tau", "kendall_tau"),
-        "TAD (pp)": None if tad is None else 100.0 * float(tad),
-        "Gamma": pick("gamma", "overlap", "misclassification_overlap"),
-        "p": pick("gamma_p", "p_value"),
-        "R2": pick("r2", "linearization_r2", "r_squared"),
-        "acc": float(sacc),
+    row = {
+        "tau": res.tau,
+        "TAD (pp)": 100.0 * res.tad,
+        "Gamma": res.gamma,
+        "p": res.gamma_p,
+        "R2": res.r2,
+        "acc": res.surrogate_acc,
     }
+    return row, res
 
 
-def _explain_rows(
-    surrogate: Any,
-    k_test_rows: np.ndarray,
-    k: int,
-    train_labels: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Top-``k`` proponents and opponents of the surrogate's predicted class at each test row.
+#: What each column of the faithfulness table means (the report's legend and header tooltips).
+FAITHFULNESS_COLUMNS: dict[str, str] = {
+    "kernel": "the kernel the surrogate is built on (definitions under Configuration > kernels)",
+    "target": "what the surrogate was fitted to (definitions under Configuration > surrogates)",
+    "tau": "Kendall tau-b between the network's and the surrogate's softmax probability of the true "
+           "class over the test digits (float64); -1 to 1, 1 = both rank every pair of digits the "
+           "same way; (1 + tau)/2 is about the share of pairs ranked alike",
+    "TAD (pp)": "test accuracy differential: surrogate minus network test accuracy, in percentage "
+                "points",
+    "Gamma": "misclassification overlap: |both wrong| / |either wrong| over the test digits, 0 to 1; "
+             "'–' where undefined (the reason is given under the table)",
+    "p": "binomial p-value of Gamma under independent errors (the reference's test); small means the "
+         "two share mistakes more than chance would",
+    "R2": "linearization R²: squared correlation between the network's and the surrogate's centered "
+          "logits over all test digits and classes, 0 to 1",
+    "acc": "surrogate test accuracy, as a fraction of the test digits (0 to 1)",
+    "kernel s": "seconds to compute this kernel's train x train and test x train blocks (shared by the "
+                "rows of the kernel)",
+    "fit s": "seconds to fit this surrogate on the train x train block",
+}
 
-    Uses :func:`tangentlens.explain.explain` (contributions A[c, i] = W[c, i] κ(x, x_i)). Proponents
-    have positive, opponents negative contributions; when fewer than ``k`` exist the rest is padded
-    with index -1 and a NaN contribution.
+#: What each column of the explanation table means.
+EXPLANATION_COLUMNS: dict[str, str] = {
+    "test digit": "row of the test set (an index into the demo's test split)",
+    "true": "the digit's true label",
+    "network": "the network's predicted class: the class that is explained",
+    "surrogate": "the surrogate's predicted class",
+    "agree": "whether network and surrogate predict the same class",
+    "logit − b": "the surrogate's logit of the network's class minus its intercept: the sum of all "
+                 "training points' contributions W[c,i]·κ(x,x_i)",
+    "sum +": "the sum of all positive contributions to that logit (the proponents' total mass)",
+    "sum −": "the sum of all negative contributions (the opponents' total mass)",
+    "top-k + (%)": "share of the positive mass carried by the k proponents shown: "
+                   "Σ top-k positive / Σ all positive, in percent",
+    "top-k − (%)": "share of the negative mass carried by the k opponents shown, in percent",
+    "shown/logit (%)": "(Σ top-k proponents + Σ top-k opponents) / (logit − b), in percent; can "
+                       "exceed 100 or be negative when large positive and negative masses cancel",
+}
 
-    Returns:
-        ``(proponent indices, proponent contributions, opponent indices, opponent contributions)``,
-        each of shape (R, k); proponents in decreasing, opponents in increasing contribution.
-    """
-    from tangentlens.explain import explain
 
-    expl = explain(surrogate, k_test_rows, k=k, train_labels=train_labels, classes="predicted")
-    out = [np.full((len(expl), k), -1, dtype=np.int64), np.full((len(expl), k), np.nan),
-           np.full((len(expl), k), -1, dtype=np.int64), np.full((len(expl), k), np.nan)]
-    for r, point in enumerate(expl):
-        cls = point.classes[0]
-        for j, att in enumerate(cls.proponents):
+def _percent(v: float | None) -> float | None:
+    """A share as a percentage rounded to 0.1 (``None`` stays ``None``)."""
+    return None if v is None else round(100.0 * v, 1)
+
+
+def _explanation_records(expl: Any, y_test: np.ndarray) -> list[dict[str, Any]]:
+    """One plain record per explained test point, for ``results.json``."""
+    records = []
+    for p in expl:
+        t = p.target
+        records.append({
+            "test_index": p.test_index,
+            "true_label": int(y_test[p.test_index]),
+            "target_class": p.target_label,
+            "target_source": p.target_source,
+            "network_class": p.network_label,
+            "surrogate_class": p.predicted_label,
+            "agrees": p.agrees,
+            "logit": t.logit,
+            "intercept": t.intercept,
+            "positive_total": t.positive_total,
+            "negative_total": t.negative_total,
+            "coverage_pos": t.coverage_pos,
+            "coverage_neg": t.coverage_neg,
+            "coverage_logit": t.coverage_logit,
+            "proponents": [{"train_index": a.index, "label": a.label, "contribution": a.contribution}
+                           for a in t.proponents],
+            "opponents": [{"train_index": a.index, "label": a.label, "contribution": a.contribution}
+                          for a in t.opponents],
+        })
+    return records
+
+
+def _gallery_arrays(points: Sequence[Any], k: int) -> tuple[np.ndarray, ...]:
+    """``(proponent indices, contributions, opponent indices, contributions)``, each (R, k), of the
+    target classes of ``points``; padded with index -1 and NaN where fewer than ``k`` exist."""
+    out = [np.full((len(points), k), -1, dtype=np.int64), np.full((len(points), k), np.nan),
+           np.full((len(points), k), -1, dtype=np.int64), np.full((len(points), k), np.nan)]
+    for r, point in enumerate(points):
+        for j, att in enumerate(point.target.proponents):
             out[0][r, j], out[1][r, j] = att.index, att.contribution
-        for j, att in enumerate(cls.opponents):
+        for j, att in enumerate(point.target.opponents):
             out[2][r, j], out[3][r, j] = att.index, att.contribution
-    return out[0], out[1], out[2], out[3]
+    return tuple(out)
 
 
-def _gallery_points(y_test: np.ndarray, net_pred: np.ndarray, n: int) -> list[int]:
-    """Deterministic choice of gallery rows: network mistakes first (at most half), then correct points of
-    distinct classes."""
+def _gallery_points(
+    y_test: np.ndarray, net_pred: np.ndarray, n: int, sur_pred: np.ndarray | None = None
+) -> list[int]:
+    """Deterministic choice of gallery rows: network mistakes first (at most half), then one point where
+    network and surrogate disagree (if any), then correct points of distinct classes."""
     wrong = [int(i) for i in np.flatnonzero(net_pred != y_test)][: n // 2]
     chosen, seen = list(wrong), {int(y_test[i]) for i in wrong}
+    if sur_pred is not None and len(chosen) < n:
+        for i in np.flatnonzero(net_pred != sur_pred):
+            if int(i) not in chosen:
+                chosen.append(int(i))
+                seen.add(int(y_test[i]))
+                break
     for i in np.flatnonzero(net_pred == y_test):
         if len(chosen) >= n:
             break
@@ -465,6 +532,77 @@ def _gallery_points(y_test: np.ndarray, net_pred: np.ndarray, n: int) -> list[in
             chosen.append(int(i))
             seen.add(int(y_test[i]))
     return chosen
+
+
+def _surrogate_in_words(spec: SurrogateSpec, kernel: str, alpha: float) -> str:
+    """e.g. "the trNTK kGLM distilled from the network's softmax at temperature 2 (L2 alpha = 1e-06)"."""
+    a = spec.options.get("alpha", alpha)
+    if spec.target == "labels":
+        how = "fitted on the true labels"
+    elif spec.temperature == 1.0:
+        how = "distilled from the network's softmax probabilities"
+    else:
+        how = f"distilled from the network's softmax at temperature {spec.temperature:g}"
+    solver = "the reference's SGD solver, " if spec.solver == "sgd" else ""
+    return f"the {kernel} kGLM {how} ({solver}L2 alpha = {a:g})"
+
+
+def _verdict(
+    rows: Sequence[dict[str, Any]],
+    specs: dict[str, SurrogateSpec],
+    alpha: float,
+    best: dict[str, Any],
+    expl: Any,
+    n_test: int,
+    k: int,
+    gallery_rows: Sequence[int],
+) -> str:
+    """The report's conclusion in plain English."""
+    tau = float(best["tau"])
+    words = _surrogate_in_words(specs[best["target"]], best["kernel"], alpha)
+    tad = float(best["TAD (pp)"])
+    text = (
+        f"{words[0].upper()}{words[1:]} tracks the network most closely: Kendall τ = {tau:.2f} means "
+        f"that for a random pair of test digits the network and this surrogate rank their confidence "
+        f"in the true class the same way {50 * (1 + tau):.1f}% of the time ((1 + τ)/2, ties aside). "
+    )
+    if tad == 0:
+        text += "It is exactly as accurate as the network."
+    else:
+        text += (f"It is {abs(tad):.1f} percentage points {'more' if tad > 0 else 'less'} accurate "
+                 "than the network.")
+    labelled = [r for r in rows if specs[r["target"]].target == "labels" and r["tau"] is not None]
+    if labelled and specs[best["target"]].target != "labels":
+        lb = max(labelled, key=lambda r: r["tau"])
+        text += (
+            f" Among surrogates fitted only on the true labels (the method's protocol) the most faithful "
+            f"is the {lb['kernel']} kGLM ({lb['target']}), τ = {lb['tau']:.2f} "
+            f"({50 * (1 + lb['tau']):.1f}% of pairs)."
+        )
+    worst = min(rows, key=lambda r: r["tau"])
+    text += f" The least faithful is {worst['kernel']} / {worst['target']} (τ = {worst['tau']:.2f})."
+    cov = [p.coverage_pos for p in expl if p.coverage_pos is not None]
+    covn = [p.coverage_neg for p in expl if p.coverage_neg is not None]
+    dis = len(expl.disagreements)
+    if cov:
+        text += (
+            f" Explaining the network's own predicted class with it, the top {k} proponents carry a "
+            f"median {100 * float(np.median(cov)):.0f}% of the positive contributions"
+        )
+        if covn:
+            text += f" and the top {k} opponents {100 * float(np.median(covn)):.0f}% of the negative ones"
+        text += (
+            "; the rest is spread over the other training digits, so the gallery shows the largest "
+            "pieces of each decision, not all of it."
+        )
+    text += f" Network and surrogate predict different classes on {dis} of {n_test} test digits"
+    in_gallery = [i for i in gallery_rows if i in set(expl.disagreements)]
+    if in_gallery:
+        text += (f"; the gallery shows {len(in_gallery)} of them (test digit"
+                 f"{'s' if len(in_gallery) > 1 else ''} {', '.join(map(str, in_gallery))}, marked ✗).")
+    else:
+        text += "."
+    return text
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -608,6 +746,7 @@ def _run_demo(
     timings["kernels"] = sum(kernel_time.values())
 
     rows: list[dict[str, Any]] = []
+    full: list[dict[str, Any]] = []
     fitted: dict[tuple[str, str], tuple[Any, np.ndarray]] = {}
     jobs = [(s, k) for s in surrogates for k in specs if s.kernels is None or k.name in s.kernels]
     bar = tqdm(jobs, desc="surrogates", unit="fit", disable=not cfg.progress, file=sys.stderr,
@@ -623,7 +762,9 @@ def _run_demo(
         sur_test = _surrogate_logits(sur, k_te)
         fitted[(kspec.name, sspec.name)] = (sur, sur_test)
         row: dict[str, Any] = {"kernel": kspec.name, "target": sspec.name}
-        row.update(_metrics(net_test, sur_test, y_test))
+        metrics, res = _metrics(net_test, sur_test, y_test)
+        row.update(metrics)
+        full.append({"kernel": kspec.name, "target": sspec.name, **res.to_dict()})
         row["kernel s"] = kernel_time[kspec.name]
         row["fit s"] = fit_s
         rows.append(row)
@@ -634,8 +775,30 @@ def _run_demo(
     print(table, file=out, flush=True)
     for note in notes:
         print(note, file=out)
+    gamma_notes = [
+        f"Gamma of {f['kernel']} / {f['target']}: {f['gamma_reason']}."
+        for f in full
+        if f["gamma_reason"]
+    ]
 
-    # Figures (trNTK, or the first kernel if trNTK is not among them).
+    # The most faithful surrogate (highest τ; the first in table order on a tie) explains the network's
+    # own predicted class on every test digit.
+    spec_by_name = {sp.name: sp for sp in surrogates}
+    best = max(rows, key=lambda r: r["tau"])
+    best_key = (best["kernel"], best["target"])
+    best_sur = fitted[best_key][0]
+    k = min(cfg.top_k, len(y_train))
+    from tangentlens.explain import explain
+
+    expl = explain(best_sur, blocks[best["kernel"]][1], k=k, train_labels=y_train,
+                   network_logits=net_test, target="network", classes="target")
+    net_pred = net_test.argmax(1)
+    sur_pred = np.array([p.predicted_index for p in expl])
+    rows_idx = _gallery_points(y_test, net_pred, cfg.gallery_rows, sur_pred)
+    verdict = _verdict(rows, spec_by_name, cfg.alpha, best, expl, len(y_test), k, rows_idx)
+    print(f"verdict: {verdict}", file=out, flush=True)
+
+    # Figures: the scatter on trNTK (or the first kernel), the gallery on the most faithful surrogate.
     t0 = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     images: list[tuple[Path, str]] = []
@@ -670,40 +833,65 @@ def _run_demo(
         images.append((path, f"Network vs {main_kernel}-surrogate confidence in the true class, per test "
                              "digit; the dashed line is perfect agreement."))
 
-        sur, sur_test = fitted[lab_key]
-        sur_pred = sur_test.argmax(1)
-        net_pred = net_test.argmax(1)
-        rows_idx = _gallery_points(y_test, net_pred, cfg.gallery_rows)
-        k_te = blocks[main_kernel][1]
-        k = min(cfg.top_k, len(y_train))
-        pi, pv, oi, ov = _explain_rows(sur, k_te[rows_idx], k, y_train)
-        titles = [
-            f"test {i}: y={y_test[i]}\nnet {net_pred[i]}, sur {sur_pred[i]}" for i in rows_idx
-        ]
+    shown = [expl[i] for i in rows_idx]
+    pi, pv, oi, ov = _gallery_arrays(shown, k)
 
-        def pictures(index: np.ndarray) -> np.ndarray:
-            imgs = data.to_image(data.x_train[torch.as_tensor(np.maximum(index.ravel(), 0))])
-            imgs[index.ravel() < 0] = np.nan  # padding: an empty cell
-            return imgs.reshape(*index.shape, 8, 8)
+    def cov_text(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.0f}%"
 
-        def captions(index: np.ndarray) -> list[list[str]]:
-            return [[f"train {j} (y={y_train[j]})" if j >= 0 else "" for j in r] for r in index]
+    titles = [
+        f"test {p.test_index}: true {y_test[p.test_index]}\n"
+        f"net {p.network_label} / sur {p.predicted_label} "
+        + ("(agree)" if p.agrees else "✗ disagree")
+        + f"\ntop-{k} carry {cov_text(p.coverage_pos)} of +,\n{cov_text(p.coverage_neg)} of −"
+        for p in shown
+    ]
 
-        path = gallery(
-            cfg.out / "gallery.png",
-            data.to_image(data.x_test[rows_idx]),
-            pictures(pi),
-            pv,
-            pictures(oi),
-            ov,
-            query_titles=titles,
-            proponent_titles=captions(pi),
-            opponent_titles=captions(oi),
-            title=f"Top proponents (green) and opponents (red) of the surrogate's predicted class "
-                  f"({main_kernel}, {surrogates[0].name}); numbers are contributions W[c,i]·κ(x,x_i)",
-        )
-        images.append((path, "Test digits (left) with the training digits that push the surrogate's "
-                             "predicted class up most (proponents) and down most (opponents)."))
+    def pictures(index: np.ndarray) -> np.ndarray:
+        imgs = data.to_image(data.x_train[torch.as_tensor(np.maximum(index.ravel(), 0))])
+        imgs[index.ravel() < 0] = np.nan  # padding: an empty cell
+        return imgs.reshape(*index.shape, 8, 8)
+
+    def captions(index: np.ndarray) -> list[list[str]]:
+        return [[f"train {j} (y={y_train[j]})" if j >= 0 else "" for j in r] for r in index]
+
+    best_words = f"{best['kernel']} / {best['target']}, τ = {best['tau']:.3f}"
+    path = gallery(
+        cfg.out / "gallery.png",
+        data.to_image(data.x_test[rows_idx]),
+        pictures(pi),
+        pv,
+        pictures(oi),
+        ov,
+        query_titles=titles,
+        proponent_titles=captions(pi),
+        opponent_titles=captions(oi),
+        query_colors=["black" if p.agrees else "tab:red" for p in shown],
+        title=f"Why the network predicts its class, told by the most faithful surrogate ({best_words}):\n"
+              f"top {k} proponents (green) and opponents (red) of the network's class; numbers are "
+              f"contributions W[c,i]·κ(x,x_i) to the surrogate's logit",
+    )
+    images.append((path, f"Test digits (left; network class 'net', surrogate class 'sur', ✗ where they "
+                         f"disagree) with the {k} training digits that push the surrogate's logit of "
+                         f"the network's class up most (proponents, green) and down most (opponents, "
+                         f"red), from the most faithful surrogate ({best_words}). 'top-{k} carry' is "
+                         f"the share of all positive (negative) contributions that these {k} carry."))
+    explain_rows = [
+        {
+            "test digit": p.test_index,
+            "true": int(y_test[p.test_index]),
+            "network": p.network_label,
+            "surrogate": p.predicted_label,
+            "agree": bool(p.agrees),
+            "logit − b": p.target.logit - p.target.intercept,
+            "sum +": p.target.positive_total,
+            "sum −": p.target.negative_total,
+            "top-k + (%)": _percent(p.coverage_pos),
+            "top-k − (%)": _percent(p.coverage_neg),
+            "shown/logit (%)": _percent(p.coverage_logit),
+        }
+        for p in shown
+    ]
     timings["figures"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
 
@@ -732,19 +920,20 @@ def _run_demo(
         "platform": platform.platform(),
     }
     report_notes = [
-        "tau: Kendall tau-b between the network's and the surrogate's softmax probability of the true class "
-        "over the test digits. TAD: surrogate minus network test accuracy, percentage points. Gamma: "
-        "misclassification overlap |both wrong| / |either wrong|, p its binomial p-value under "
-        "independence. R2: linearization R² of network logits against surrogate logits. acc: surrogate "
-        "test accuracy. 'labels' surrogates are fitted on the true training labels (the reference's "
-        "target), 'distilled' on the network's softmax probabilities (the same L-BFGS solver and "
-        "alpha), 'SGD ref' with the reference's SGDClassifier settings (seeded; its probabilities are "
+        "Surrogates ('target' column): 'labels' are fitted on the true training labels (the reference's "
+        "target), 'distilled' on the network's softmax probabilities (the same L-BFGS solver and alpha), "
+        "'labels (SGD ref)' with the reference's SGDClassifier settings (seeded; its probabilities are "
         "scikit-learn's normalized one-vs-rest sigmoids), 'distilled T=2 a=1e-6' on the network's "
-        "probabilities at temperature 2 with a 100x weaker L2 penalty. kernel s: time of the kernel's "
-        "train x train and test x train blocks (shared by its rows); fit s: time of the fit.",
+        "probabilities at temperature 2 with a 100x weaker L2 penalty. All metrics are computed in "
+        "float64 (tangentlens.faithfulness).",
         "trNTK0 is the unnormalized trace NTK divided by the standard deviation of its train x train block.",
+        *gamma_notes,
         *notes,
     ]
+    explanation_heading = (
+        f"Explanations of the network's decisions (gallery digits; {best['kernel']} / {best['target']}, "
+        f"top {k})"
+    )
     index = write_report(
         cfg.out,
         rows,
@@ -757,7 +946,29 @@ def _run_demo(
             "neural tangent kernels and on two forward-only baselines (Em, CK)."
         ),
         notes=report_notes,
+        verdict=verdict,
+        columns=FAITHFULNESS_COLUMNS,
+        tables=[(explanation_heading, explain_rows, EXPLANATION_COLUMNS)],
+        extra={
+            "most_faithful": {"kernel": best["kernel"], "target": best["target"], "tau": best["tau"]},
+            "faithfulness": full,
+            "explanations": {
+                "surrogate": {"kernel": best["kernel"], "target": best["target"]},
+                "target": "network",
+                "k": k,
+                "what": "for every test digit: the network's predicted class (the explained target), "
+                        "the surrogate's class, whether they agree, the surrogate's logit of the target "
+                        "class (logit, intercept, positive_total + negative_total = logit - intercept), "
+                        "coverage_pos / coverage_neg (share of the positive / negative contributions "
+                        "carried by the top-k proponents / opponents) and coverage_logit (their sum over "
+                        "logit - intercept), and the top-k proponents / opponents (training indices, "
+                        "labels, contributions W[c,i]·κ(x,x_i))",
+                "gallery": rows_idx,
+                "disagreements": expl.disagreements,
+                "points": _explanation_records(expl, y_test),
+            },
+        },
     )
     print(f"report: {index}  ({timings['total']:.1f} s)", file=out, flush=True)
     return DemoResult(rows=rows, table=table, index=index, images=[p for p, _ in images], meta=meta,
-                      notes=notes)
+                      notes=notes, verdict=verdict, explanation=expl)

@@ -33,6 +33,9 @@ figcaption { font-size: 0.85em; color: #555; max-width: 640px; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 14px; font-size: 0.9em; }
 dt { font-weight: 600; } dd { margin: 0; font-family: monospace; }
 .note { font-size: 0.85em; color: #555; }
+.verdict { background: #eef6ee; border-left: 4px solid #3a8a3a; padding: 0.6em 1em; }
+dl.legend { font-size: 0.85em; color: #333; margin-top: 0.6em; }
+dl.legend dd { font-family: inherit; }
 """
 
 
@@ -103,9 +106,17 @@ def text_table(rows: Sequence[Mapping[str, Any]], digits: int = 4) -> str:
     return "\n".join(out)
 
 
-def _html_table(rows: Sequence[Mapping[str, Any]], digits: int) -> str:
+def _html_table(
+    rows: Sequence[Mapping[str, Any]], digits: int, columns: Mapping[str, str] | None = None
+) -> str:
+    """An HTML table; with ``columns`` each header gets a tooltip and a legend follows the table."""
     cols = _columns(rows)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    columns = columns or {}
+    head = "".join(
+        f'<th title="{html.escape(columns[c])}">{html.escape(c)}</th>' if c in columns
+        else f"<th>{html.escape(c)}</th>"
+        for c in cols
+    )
     body = []
     for r in rows:
         tds = []
@@ -114,9 +125,15 @@ def _html_table(rows: Sequence[Mapping[str, Any]], digits: int) -> str:
             cls = ' class="text"' if isinstance(v, str) else ""
             tds.append(f"<td{cls}>{html.escape(format_value(v, digits))}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
-    return f'<table class="results">\n<thead><tr>{head}</tr></thead>\n<tbody>\n' + "\n".join(
+    table = f'<table class="results">\n<thead><tr>{head}</tr></thead>\n<tbody>\n' + "\n".join(
         body
     ) + "\n</tbody>\n</table>"
+    described = [c for c in cols if c in columns]
+    if described:
+        table += '\n<dl class="legend">' + "".join(
+            f"<dt>{html.escape(c)}</dt><dd>{html.escape(columns[c])}</dd>" for c in described
+        ) + "</dl>"
+    return table
 
 
 def _html_meta(meta: Mapping[str, Any]) -> str:
@@ -136,6 +153,10 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays, scalars
+        value = value.tolist()
+        if isinstance(value, list):
+            return [_jsonable(v) for v in value]
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, numbers.Integral):
@@ -156,8 +177,15 @@ def write_report(
     intro: str = "",
     notes: Sequence[str] = (),
     digits: int = 4,
+    verdict: str = "",
+    columns: Mapping[str, str] | None = None,
+    tables: Sequence[tuple[str, Sequence[Mapping[str, Any]], Mapping[str, str]]] = (),
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``index.html`` (self-contained) and ``results.json`` into ``out_dir``.
+
+    Every table can label its columns: a mapping column -> plain-English description (with units)
+    becomes a tooltip on the header cell and a legend under the table.
 
     Args:
         out_dir: report folder; created if missing.
@@ -170,13 +198,25 @@ def write_report(
         intro: a paragraph of plain text shown under the title.
         notes: extra plain-text paragraphs shown under the table.
         digits: significant digits of floats in the table.
+        verdict: a plain-English conclusion shown, highlighted, above the table (and written to
+            ``results.json`` as ``"verdict"``).
+        columns: descriptions of the faithfulness table's columns (``{column: description}``).
+        tables: further tables, each ``(heading, rows, column descriptions)``, shown after the
+            first one and written to ``results.json`` under ``"tables"`` as ``{heading: rows}``.
+        extra: further JSON-serializable entries for ``results.json`` (numpy scalars and NaN
+            are converted as in the rows: NaN becomes ``null``).
 
     Returns:
         The path of ``index.html``. Cost: reading the images once.
 
     Raises:
-        InputError: if an image file does not exist.
+        InputError: if an image file does not exist, or ``extra`` reuses a key the report
+            writes itself.
     """
+    reserved = {"rows", "meta", "images", "verdict", "columns", "tables"}
+    clash = sorted(reserved & set(extra or {}))
+    if clash:
+        raise InputError(f"extra must not use the report's own keys {clash}; rename them.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pairs: list[tuple[Path, str]]
@@ -203,9 +243,14 @@ def write_report(
     ]
     if intro:
         parts.append(f"<p>{html.escape(intro)}</p>")
+    if verdict:
+        parts.append(f'<p class="verdict">{html.escape(verdict)}</p>')
     parts.append("<h2>Faithfulness</h2>")
-    parts.append(_html_table(table_rows, digits) if table_rows else "<p>(no rows)</p>")
+    parts.append(_html_table(table_rows, digits, columns) if table_rows else "<p>(no rows)</p>")
     parts.extend(f'<p class="note">{html.escape(n)}</p>' for n in notes)
+    for heading, rows, cols in tables:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        parts.append(_html_table(rows, digits, cols) if rows else "<p>(no rows)</p>")
     if figures:
         parts.append("<h2>Figures</h2>")
         parts.extend(figures)
@@ -214,7 +259,14 @@ def write_report(
     parts.append("</body></html>")
     index = out / "index.html"
     index.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    payload = {"rows": _jsonable(list(table_rows)), "meta": _jsonable(meta),
-               "images": [p.name for p, _ in pairs]}
+    payload: dict[str, Any] = {"rows": _jsonable(list(table_rows)), "meta": _jsonable(meta),
+                               "images": [p.name for p, _ in pairs]}
+    if verdict:
+        payload["verdict"] = verdict
+    if columns:
+        payload["columns"] = dict(columns)
+    if tables:
+        payload["tables"] = {h: _jsonable(list(r)) for h, r, _ in tables}
+    payload.update(_jsonable(dict(extra or {})))
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return index

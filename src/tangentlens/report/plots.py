@@ -102,6 +102,7 @@ def gallery(
     query_titles: Sequence[str] | None = None,
     proponent_titles: Sequence[Sequence[str]] | None = None,
     opponent_titles: Sequence[Sequence[str]] | None = None,
+    query_colors: Sequence[str] | None = None,
     title: str = "",
     cmap: str = "gray_r",
 ) -> Path:
@@ -118,6 +119,8 @@ def gallery(
         query_titles: optional R titles of the query images (e.g. "test 17: y=3, net=3").
         proponent_titles: optional R x k_p extra captions (e.g. the training label), prefixed to the score.
         opponent_titles: optional R x k_o extra captions.
+        query_colors: optional R matplotlib colours of the query titles and frames (default black;
+            e.g. red to flag a row).
         title: figure title.
         cmap: matplotlib colour map of the images.
 
@@ -143,13 +146,16 @@ def gallery(
         raise InputError(
             f"score shapes {ps.shape} / {os_.shape} do not match images {p.shape[:2]} / {o.shape[:2]}."
         )
+    if query_colors is not None and len(query_colors) != rows:
+        raise InputError(f"query_colors has {len(query_colors)} entries for {rows} query rows.")
     kp, ko = p.shape[1], o.shape[1]
     cols = 1 + kp + ko
     plt = _pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.4, 1.8 * rows + 0.7), dpi=110,
                              squeeze=False)
     for r in range(rows):
-        cells = [(q[r], query_titles[r] if query_titles else f"query {r}", "black")]
+        cells = [(q[r], query_titles[r] if query_titles else f"query {r}",
+                  query_colors[r] if query_colors is not None else "black")]
         for j in range(kp):
             cap = "" if np.isnan(ps[r, j]) else f"{ps[r, j]:+.3g}"
             if proponent_titles and cap:
