@@ -16,9 +16,19 @@ Every other selected parameter (custom layers, attention in-projections, weight-
 called functionally) falls back to per-example vector-Jacobian products with ``torch.func`` (``vmap`` over
 examples), and to a plain per-example loop if ``vmap`` cannot trace the model.
 
-On the first block of every call, the sum over examples of the hook-based per-example gradients is checked
-against autograd's batch gradient; a parameter whose hook-based gradient does not match (e.g. a weight also
-used outside its module) is moved to the fallback path with a warning, so results are exact either way.
+Modules must be called batch-first. A module called on an input shared by the whole batch (first
+dimension 1 in a block of B > 1: BERT's default ``position_ids`` of shape (1, L), a buffer, a constant)
+has its output expanded to (B, ...) before the network uses it, so each example's gradient reaches its own
+copy and stays exact; if that expansion changes the network's logits (the output was broadcast along
+another axis, or reduced), or a module's input is not batch-first at all (unbatched, sequence-first), its
+parameters use the fallback.
+
+On the first block of every call, a randomly weighted sum over examples of the hook-based per-example
+gradients, Σ_i w_i g_i with fixed pseudo-random w_i in [0.5, 1.5), is checked against autograd's gradient
+of Σ_i w_i v_i·f(x_i) (one extra backward pass). Unlike a plain batch sum, this sees gradients credited to
+the wrong example. A parameter whose hook-based gradient does not match (a weight also used outside its
+module, a batch laid out elsewhere) is moved to the fallback path with a warning, so results are exact
+either way.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import NonFiniteError, UnsupportedLayerWarning
+from .errors import NonFiniteError, UnsupportedLayerError, UnsupportedLayerWarning
 from .inputs import Batch, batch_size_of
 from .model import call_model, extract_logits
 
@@ -119,9 +129,9 @@ class OuterCap:
             out[self.bias] = self.delta.sum(2)
         return out
 
-    def batch_sum(self, m: int) -> dict[str, Tensor]:
+    def batch_sum(self, m: int, w: Tensor) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        d = self.delta[:, m]
+        d = self.delta[:, m] * w[:, None, None]
         if self.weight is not None:
             out[self.weight] = torch.einsum("bto,bti->oi", d, self.a).reshape(self.wshape)
         if self.bias is not None:
@@ -170,8 +180,8 @@ class EmbeddingCap:
         B, M = self.delta.shape[:2]
         return {self.weight: self._dense(self.delta).reshape(B, M, -1)}
 
-    def batch_sum(self, m: int) -> dict[str, Tensor]:
-        return {self.weight: self._dense(self.delta[:, m : m + 1]).sum((0, 1))}
+    def batch_sum(self, m: int, w: Tensor) -> dict[str, Tensor]:
+        return {self.weight: self._dense(self.delta[:, m : m + 1] * w[:, None, None, None]).sum((0, 1))}
 
     def nbytes(self) -> int:
         return self.idx.numel() * 8 + self.delta.numel() * self.delta.element_size()
@@ -207,8 +217,8 @@ class DenseCap:
     def materialize(self) -> dict[str, Tensor]:
         return dict(self.grads)
 
-    def batch_sum(self, m: int) -> dict[str, Tensor]:
-        return {n: g[:, m].sum(0).reshape(self.shapes[n]) for n, g in self.grads.items()}
+    def batch_sum(self, m: int, w: Tensor) -> dict[str, Tensor]:
+        return {n: (w @ g[:, m]).reshape(self.shapes[n]) for n, g in self.grads.items()}
 
     def nbytes(self) -> int:
         return sum(g.numel() * g.element_size() for g in self.grads.values())
@@ -234,33 +244,68 @@ class BlockCapture:
 
 
 class _Rule:
-    """Base class: hooks on one module, recording per call (input data, output gradient per probe)."""
+    """Base class: hooks on one module, recording per call (input data, output gradient per probe).
+
+    A call is *aligned* when the module's input and output carry the block's batch as their first
+    dimension. A *broadcast* call (input and output of batch 1 in a block of B > 1 examples: a layer fed
+    ``position_ids`` of shape (1, L), a buffer, a constant) is made per-example exactly: its output is
+    expanded to (B, ...) before the rest of the network sees it (which broadcasting makes the same
+    values), so the gradient of each example's output reaches its own copy, and its input is recorded
+    expanded. Any other call (a batch laid out elsewhere, e.g. sequence-first) marks the rule
+    ``misaligned``; its parameters then use the exact per-example fallback.
+    """
 
     def __init__(self, group: str, module: nn.Module, names: dict[str, str]) -> None:
         self.group = group
         self.module = module
         self.names = names  # role ("weight"/"bias") -> selected parameter name
         self.active = False
+        self.batch = 0  # examples in the block being captured
+        self.expanded = False  # a broadcast call was expanded to the block's batch
+        self.expand = True  # expand broadcast calls (False: pass them through, for the first-block check)
+        self.misaligned: str | None = None  # why a call could not be attributed to examples
         self.records: list[Any] = []
         self.outs: list[Tensor] = []
         self.grads: list[list[Tensor | None]] = []
         self.allow_dense = True  # may a factored capture be materialized when that is cheaper?
-        self.handle = module.register_forward_hook(self._hook)
+        self.dense: bool | None = None  # materialize? fixed on the first block (captures must pair)
+        self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
     def remove(self) -> None:
         self.handle.remove()
 
     def reset(self) -> None:
         self.records, self.outs, self.grads = [], [], []
+        self.expanded = False
+        self.misaligned = None
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
         if not self.active or not isinstance(out, Tensor) or not out.requires_grad:
             return None
-        self.records.append(self.record(args[0]))
-        self.outs.append(out)
+        x = args[0] if args else kwargs.get("input")
+        B = self.batch
+        bx = int(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else None
+        bo = int(out.shape[0]) if out.dim() > 0 else None
+        if bx == B and bo == B:
+            seen = out
+        elif bx == 1 and bo == 1 and B > 1:
+            if not self.expand:
+                return None
+            x = x.expand(B, *x.shape[1:])  # type: ignore[union-attr]
+            seen = out.expand(B, *out.shape[1:])
+            self.expanded = True
+        else:
+            shape = None if not isinstance(x, Tensor) else tuple(x.shape)
+            self.misaligned = (
+                f"called on an input of shape {shape} with output {tuple(out.shape)} in a block of {B} "
+                "examples"
+            )
+            return None
+        self.records.append(self.record(x))
+        self.outs.append(seen)
         # Downstream code gets a copy, so an in-place op after this module (ReLU(inplace=True)) cannot
         # change the tensor whose gradient we request.
-        return out.clone()
+        return seen.clone()
 
     def deltas(self, call: int, M: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """Output gradients of one call stacked over probes: (B, M, *out_shape).
@@ -318,9 +363,9 @@ class _OuterRule(_Rule):
         d = _cat([p[1] for p in pairs], 2)
         w = self.module.weight  # type: ignore[union-attr]
         cap = OuterCap(self.group, a, d, self.names.get("weight"), self.names.get("bias"), tuple(w.shape))
-        if self.allow_dense and _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M):
-            return _to_dense(cap)
-        return cap
+        if self.dense is None:
+            self.dense = self.allow_dense and _materialize_is_cheaper(a.shape[1], a.shape[2], d.shape[3], M)
+        return _to_dense(cap) if self.dense else cap
 
 
 class LinearRule(_OuterRule):
@@ -538,6 +583,18 @@ class Fallback:
 # The capturer: sets up rules, checks them on the first block, captures blocks
 # --------------------------------------------------------------------------------------------------
 
+_EXPANSION_FAILED = (
+    "These modules are called on inputs shared by the whole batch (batch dimension 1), and giving each "
+    "example its own copy of their output changes the network's result"
+)
+
+
+def _check_weights(B: int, like: Tensor) -> Tensor:
+    """Per-example weights of the first-block check: fixed pseudo-random values in [0.5, 1.5)."""
+    g = torch.Generator().manual_seed(0x7A6E)
+    return (0.5 + torch.rand(B, generator=g, dtype=torch.float64)).to(like.device, like.dtype)
+
+
 
 class GradientCapture:
     """Captures compact per-example gradients of ``params`` for blocks of examples.
@@ -567,6 +624,7 @@ class GradientCapture:
         self.rules: list[_Rule] = []
         self.fallback_names: list[str] = []
         self._checked = False
+        self._warned = False
         self._fallback: Fallback | None = None
         by_id = {id(p): n for n, p in params.items()}
         covered: set[str] = set()
@@ -611,7 +669,8 @@ class GradientCapture:
         self._fallback = None
 
     def _warn_unsupported(self) -> None:
-        if self.fallback_names:
+        warned, self._warned = self._warned, True
+        if self.fallback_names and not warned:
             warnings.warn(
                 "No fast exact rule for parameters "
                 f"{self.fallback_names[:6]}{' ...' if len(self.fallback_names) > 6 else ''}; "
@@ -628,20 +687,46 @@ class GradientCapture:
         B = batch_size_of(x)
         for r in self.rules:
             r.reset()
+            r.batch = B
             r.active = True
         try:
             logits = extract_logits(call_model(self.model, x), B)
-        finally:
+        except Exception:
+            expanded = [r for r in self.rules if r.expanded]
             for r in self.rules:
                 r.active = False
+            if first and expanded:
+                # expanding a broadcast output broke the forward: those rules use the fallback
+                self._demote(self._bad_expansions(x, expanded, None), _EXPANSION_FAILED)
+                return self.capture(x, y)
+            raise
+        for r in self.rules:
+            r.active = False
         if not torch.isfinite(logits).all():
             raise NonFiniteError(
                 "The model produced NaN or infinite logits; check the inputs (NaN pixels?) and the weights."
             )
+        misaligned = [r for r in self.rules if r.misaligned is not None]
+        if misaligned:
+            if not first:
+                r = misaligned[0]
+                raise UnsupportedLayerError(
+                    f"Module {r.group!r} was {r.misaligned}, although on the first block its calls carried "
+                    "the batch as their first dimension, so its per-example gradients cannot be attributed. "
+                    f"Exclude its parameters with parameters=... or make its inputs batch-first."
+                )
+            self._demote(misaligned, "These modules are not called batch-first (their input's first "
+                         "dimension is not the block's examples)")
+            return self.capture(x, y)
         if first:
             silent = [r for r in self.rules if not r.fired]
             if silent:
                 self._demote(silent, "These modules were never called through their forward()")
+            expanded = [r for r in self.rules if r.expanded]
+            bad = self._bad_expansions(x, expanded, logits) if expanded else []
+            if bad:
+                self._demote(bad, _EXPANSION_FAILED)
+                return self.capture(x, y)
         V = self.probe_fn(logits.detach(), y)
         M = V.shape[1]
         outs = [o for r in self.rules for o in r.outs]
@@ -657,9 +742,14 @@ class GradientCapture:
                         slot.append(None if gs[k] is None else gs[k].detach())
                         k += 1
         check: dict[str, Tensor] | None = None
+        w = _check_weights(B, logits)
         if first and self.verify and outs and logits.requires_grad:
+            # autograd's gradient of Σ_i w_i v_i·f(x_i): random per-example weights make a capture that
+            # credits the wrong example (a broadcast input, a batch laid out elsewhere) disagree
             names = [n for r in self.rules for n in r.params()]
-            gs = torch.autograd.grad(logits, [self.params[n] for n in names], V[:, 0], allow_unused=True)
+            gs = torch.autograd.grad(
+                logits, [self.params[n] for n in names], V[:, 0] * w[:, None], allow_unused=True
+            )
             check = {n: (torch.zeros_like(self.params[n]) if g is None else g) for n, g in zip(names, gs)}
         del outs
         caps: list[Cap] = [r.finalize(M) for r in self.rules]
@@ -667,10 +757,10 @@ class GradientCapture:
             r.reset()
         if check is not None:
             self._checked = True
-            bad = self._verify(caps, check)
+            bad = self._verify(caps, check, w)
             if bad:
-                self._demote(bad, "Hook-based gradients disagree with autograd (a parameter used "
-                             "outside its module, e.g. weight tying)")
+                self._demote(bad, "Hook-based per-example gradients disagree with autograd (a parameter used "
+                             "outside its module, e.g. weight tying, or a batch laid out elsewhere)")
                 return self.capture(x, y)
         self._checked = True
         if self.fallback_names:
@@ -679,7 +769,42 @@ class GradientCapture:
             caps.append(self._fallback(x, V))
         return BlockCapture(caps, B)
 
-    def _verify(self, caps: list[Cap], ref: dict[str, Tensor]) -> list[_Rule]:
+    def _bad_expansions(self, x: Batch, expanded: list[_Rule], logits: Tensor | None) -> list[_Rule]:
+        """The rules whose expanded broadcast output changes the network's logits (first block only).
+
+        ``logits``: the forward with every rule expanding (None if it raised). If they equal the plain
+        model's, no rule is bad; otherwise each expanded rule is tried alone (one forward each).
+        """
+        B = batch_size_of(x)
+        with torch.no_grad():
+            plain = extract_logits(call_model(self.model, x), B)
+        tol = (1e-10 if plain.dtype == torch.float64 else 1e-4) * (float(plain.abs().max()) + 1)
+
+        def same(out: Tensor | None) -> bool:
+            return out is not None and out.shape == plain.shape and float((plain - out).abs().max()) <= tol
+
+        if same(None if logits is None else logits.detach()):
+            return []
+        bad = []
+        for only in expanded:
+            for r in self.rules:
+                r.reset()
+                r.expand = r is only
+                r.active = True
+            try:
+                out: Tensor | None = extract_logits(call_model(self.model, x), B).detach()
+            except Exception:  # noqa: BLE001 - an expansion that breaks the forward is a wrong one
+                out = None
+            finally:
+                for r in self.rules:
+                    r.reset()
+                    r.expand = True
+                    r.active = False
+            if not same(out):
+                bad.append(only)
+        return bad or expanded
+
+    def _verify(self, caps: list[Cap], ref: dict[str, Tensor], w: Tensor) -> list[_Rule]:
         bad: list[_Rule] = []
         dtype = next((v.dtype for v in ref.values() if v is not None), torch.float32)
         tol = 1e-8 if dtype == torch.float64 else 1e-3
@@ -687,7 +812,7 @@ class GradientCapture:
         # not be flagged: differences are also judged against the largest gradient of the block
         floor = 1e-3 * tol * max((float(v.norm()) for v in ref.values()), default=0.0)
         for rule, cap in zip(self.rules, caps):
-            sums = cap.batch_sum(0)
+            sums = cap.batch_sum(0, w)
             for n, s in sums.items():
                 r = ref[n]
                 scale = float(r.norm()) + float(s.norm())

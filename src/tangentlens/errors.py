@@ -11,6 +11,22 @@ class InputError(TangentLensError, ValueError):
     """Inputs, labels or kernels have the wrong shape, length, dtype or content (e.g. NaN)."""
 
 
+class ModelCallError(InputError):
+    """The user's model raised an exception when tangentlens called it on a block of the inputs.
+
+    The message names the block's shapes and dtypes, the model and what to change; the model's own
+    exception is chained as ``__cause__``.
+    """
+
+
+class DeviceError(InputError):
+    """The requested compute device is unavailable or unusable (CUDA/MPS missing, ``meta``, bad string)."""
+
+
+class MemoryBudgetError(InputError, MemoryError):
+    """An allocation the call would make does not fit in the memory available; nothing was allocated."""
+
+
 class ModelOutputError(TangentLensError, ValueError):
     """The model's output is not a 2-D tensor of logits (batch x classes)."""
 
@@ -33,3 +49,7 @@ class StoreMismatchError(TangentLensError, ValueError):
 
 class UnsupportedLayerWarning(UserWarning):
     """A layer has no fast exact rule and falls back to per-example torch.func Jacobians."""
+
+
+class UnsupportedLayerError(TangentLensError, ValueError):
+    """A layer's per-example gradients cannot be computed as it is called; the message says what to change."""
