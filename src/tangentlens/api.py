@@ -20,17 +20,22 @@ from torch import Tensor, nn
 
 from .capture import BlockCapture, DenseCap, GradientCapture, OuterCap
 from .errors import InputError, NonFiniteError
-from .gram import KindSpec, block_gram, block_sqnorms, cosine_normalize, kind_spec
+from .gram import KindSpec, block_gram, block_sqnorms, check_options, cosine_normalize, kind_spec
 from .inputs import Batch, Source, batch_size_of, move_batch
 from .model import (
+    HookStash,
     ParameterSpec,
     call_model,
+    check_materialized,
+    eval_mode,
     extract_logits,
+    place,
     prepared,
     requiring_grad,
+    resolve_device,
     select_parameters,
 )
-from .sketch import Projection, output_probes
+from .sketch import Projection, check_memory, output_probes
 
 DEFAULT_CACHE_BYTES: int | None = None  # None: a third of the memory available when the call starts
 
@@ -263,16 +268,27 @@ class _Engine:
 
 
 def _validate_common(
-    kind: str, batch_size: int, normalize: bool | None, probes: int | Tensor | None
+    kind: str,
+    batch_size: int,
+    normalize: bool | None,
+    device: torch.device | str | None,
+    **options: Any,
 ) -> tuple[KindSpec, bool]:
-    """Check the arguments shared by :func:`kernel` and :func:`iter_features`; return (spec, normalize)."""
+    """Check the arguments shared by :func:`kernel`, :func:`train_test_kernels`, :func:`features` and
+    :func:`iter_features`; return (spec, normalize).
+
+    ``options`` are the kind-specific options the caller passed (``parameters``, ``projection``,
+    ``probes``, ``probe_seed``, labels, ``modules``): one with a non-default value that the kind does not
+    accept (``KindSpec.options``) is an error naming the kinds it applies to.
+
+    Raises:
+        UnknownKindError, InputError, DeviceError.
+    """
     spec = kind_spec(kind)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer; got {batch_size!r}.")
-    if probes is not None and (spec.full or spec.probes in ("loss", "none")):
-        raise InputError(
-            f"probes= applies to the trace kinds ('trntk', 'trntk0', 'pntk'), not {spec.name!r}."
-        )
+    check_options(spec, **options)
+    resolve_device(device)
     return spec, spec.normalize if normalize is None else bool(normalize)
 
 
@@ -285,12 +301,13 @@ def _labels_mode(labels: LabelSpec) -> tuple[Any, bool]:
 
 
 def _check_gradcos_labels(
-    rows: Any, row_labels: Any, rows_predicted: bool, cols_predicted: bool, names: tuple[str, str]
+    rows: Source, rows_predicted: bool, cols_predicted: bool, names: tuple[str, str]
 ) -> None:
     """Grad-Cos of a rows × columns block: true labels of the rows (the points a surrogate explains) leak
-    into it — warned; both sides must use the same label mode. ``names``: the rows' and columns' label
-    arguments."""
-    if not rows_predicted and (row_labels is not None or isinstance(rows, (tuple, list))):
+    into it — warned whenever the rows' source yields labels (a ``labels=`` tensor, an ``(x, y)`` pair, or
+    a Dataset / DataLoader whose items carry labels); both sides must use the same label mode.
+    ``names``: the rows' and columns' label arguments."""
+    if not rows_predicted and rows.yields_labels:
         warnings.warn(
             f"kind='gradcos' with true labels for the rows ({names[0]}) leaks them into a surrogate for "
             f"those points (the reference saw +5 pp accuracy). Use {names[0]}='predicted' and "
@@ -376,20 +393,26 @@ def kernel(
     captures (≈ N2·Σ_layers(d_in + M·d_out) floats for an MLP) while they fit ``cache_bytes``.
 
     Raises:
-        UnknownKindError, InputError, ModelOutputError, ParameterSelectionError, NonFiniteError.
+        UnknownKindError, InputError, ModelOutputError, ParameterSelectionError, NonFiniteError. Among the
+        InputErrors: ModelCallError (the model's forward raised on a block: wrong input shape or dtype),
+        DeviceError (``device`` unavailable, or ``meta``), MemoryBudgetError (a projection's working set
+        does not fit), and an option the kind does not use (e.g. ``modules=`` with ``kind="trntk"``).
     """
-    spec, norm = _validate_common(kind, batch_size, normalize, probes)
+    spec, norm = _validate_common(
+        kind, batch_size, normalize, device, parameters=parameters, projection=projection, probes=probes,
+        probe_seed=probe_seed, labels=labels, other_labels=other_labels, modules=modules,
+    )
+    lab1, pred1 = _labels_mode(labels)
+    lab2, pred2 = _labels_mode(other_labels)
+    src1 = Source(inputs, batch_size, lab1, "inputs")
+    if spec.name == "gradcos" and other is not None:
+        _check_gradcos_labels(src1, pred1, pred2, ("labels", "other_labels"))
     if projection is not None:
         return _projected_kernel(
             model, inputs, other, spec=spec, norm=norm, parameters=parameters, batch_size=batch_size,
             device=device, dtype=dtype, labels=labels, other_labels=other_labels, probes=probes,
             probe_seed=probe_seed, projection=projection, by_layer=by_layer,
         )
-    lab1, pred1 = _labels_mode(labels)
-    lab2, pred2 = _labels_mode(other_labels)
-    if spec.name == "gradcos" and other is not None:
-        _check_gradcos_labels(inputs, lab1, pred1, pred2, ("labels", "other_labels"))
-    src1 = Source(inputs, batch_size, lab1, "inputs")
     src2 = Source(other, batch_size, lab2, "other") if other is not None else None
     predicted = pred1 or (pred2 and src2 is not None)
     with _engine(
@@ -445,13 +468,20 @@ def train_test_kernels(
     N²/2 + T·N block pairs.
 
     Raises:
-        UnknownKindError, InputError, ModelOutputError, ParameterSelectionError, NonFiniteError.
+        UnknownKindError, InputError, ModelOutputError, ParameterSelectionError, NonFiniteError. Among the
+        InputErrors: ModelCallError (the model's forward raised on a block: wrong input shape or dtype),
+        DeviceError (``device`` unavailable, or ``meta``), MemoryBudgetError (a projection's working set
+        does not fit), and an option the kind does not use (e.g. ``modules=`` with ``kind="trntk"``).
     """
-    spec, norm = _validate_common(kind, batch_size, normalize, probes)
+    spec, norm = _validate_common(
+        kind, batch_size, normalize, device, parameters=parameters, projection=projection, probes=probes,
+        probe_seed=probe_seed, labels=labels, test_labels=test_labels, modules=modules,
+    )
     lab_tr, pred_tr = _labels_mode(labels)
     lab_te, pred_te = _labels_mode(test_labels)
+    src_te = Source(test, batch_size, lab_te, "test")
     if spec.name == "gradcos":
-        _check_gradcos_labels(test, lab_te, pred_te, pred_tr, ("test_labels", "labels"))
+        _check_gradcos_labels(src_te, pred_te, pred_tr, ("test_labels", "labels"))
     if projection is not None:
         if by_layer:
             raise InputError("by_layer=True is not available with a projection (features mix the layers).")
@@ -463,7 +493,6 @@ def train_test_kernels(
         F_te = features(model, test, labels=test_labels, **kw)
         return _feature_kernel(F_tr, None, spec, norm), _feature_kernel(F_te, F_tr, spec, norm)
     src_tr = Source(train, batch_size, lab_tr, "train")
-    src_te = Source(test, batch_size, lab_te, "test")
     with _engine(
         model, spec, parameters=parameters, device=device, dtype=dtype, probes=probes, probe_seed=probe_seed,
         predicted=pred_tr, modules=modules,
@@ -676,13 +705,22 @@ def features(
     gradient; ``kind="kronecker"`` projects Linear/Conv layers from their factors, (P_out δ)(P_in a)ᵀ summed
     over positions, never forming per-example gradients, and every other parameter with its flat fallback.
     """
-    spec, norm, src, pred = _feature_setup(kind, inputs, batch_size, normalize, probes, labels, projection)
+    spec, norm, src, pred = _feature_setup(
+        kind, inputs, batch_size, normalize, device, parameters, probes, probe_seed, labels, modules,
+        projection,
+    )
     out: Tensor | None = None
     for start, b in _feature_blocks(
         model, src, spec, norm, pred, parameters, device, dtype, probes, probe_seed, modules, projection
     ):
         if out is None:  # one allocation of the result; blocks are copied in as they stream
-            out = b.new_empty((len(src), *b.shape[1:]))
+            shape = (len(src), *b.shape[1:])
+            check_memory(
+                math.prod(shape) * b.element_size(), b.device, f"the {tuple(shape)} features result",
+                "stream the rows with tl.iter_features(...) instead, pass fewer examples, or project the "
+                "features to fewer dimensions (projection=Projection(K) with a smaller K)",
+            )
+            out = b.new_empty(shape)
         out[start : start + b.shape[0]] = b
     assert out is not None
     return out
@@ -706,9 +744,24 @@ def iter_features(
 ) -> Iterator[tuple[int, Tensor]]:
     """Stream :func:`features` as ``(start_row, block)`` pairs (blocks on the CPU).
 
-    The arguments are checked at the call; the model runs as the blocks are consumed.
+    The arguments (kind, options, device, parameter selection) are checked at the call; the model runs as
+    the blocks are consumed. The caller's model is left untouched between blocks: its train/eval modes,
+    ``requires_grad`` flags and forward hooks are set up for each block's capture and restored before
+    the block is handed out, so a paused generator, or one that is never exhausted, leaves nothing
+    installed on the model. (A ``dtype``/``device`` differing from the model's works on one private
+    copy, made when the first block is read.)
+
+    Raises:
+        UnknownKindError, InputError, DeviceError, ParameterSelectionError (at the call);
+        ModelCallError, ModelOutputError, NonFiniteError (while the blocks are read).
     """
-    spec, norm, src, pred = _feature_setup(kind, inputs, batch_size, normalize, probes, labels, projection)
+    spec, norm, src, pred = _feature_setup(
+        kind, inputs, batch_size, normalize, device, parameters, probes, probe_seed, labels, modules,
+        projection,
+    )
+    check_materialized(model)
+    if spec.probes != "none":
+        select_parameters(model, parameters)  # a bad (or all-frozen) selection fails here, not at next()
     return _feature_blocks(
         model, src, spec, norm, pred, parameters, device, dtype, probes, probe_seed, modules, projection
     )
@@ -719,14 +772,19 @@ def _feature_setup(
     inputs: Any,
     batch_size: int,
     normalize: bool | None,
+    device: torch.device | str | None,
+    parameters: ParameterSpec,
     probes: int | Tensor | None,
+    probe_seed: int,
     labels: LabelSpec,
+    modules: Sequence[str | nn.Module] | None,
     projection: Projection | None,
 ) -> tuple[KindSpec, bool, Source, bool]:
     """Validate :func:`features`' arguments; return (spec, normalize, source, predicted labels)."""
-    spec, norm = _validate_common(kind, batch_size, normalize, probes)
-    if projection is not None and spec.probes == "none":
-        raise InputError(f"projection= applies to gradient kernels, not {spec.name!r}.")
+    spec, norm = _validate_common(
+        kind, batch_size, normalize, device, parameters=parameters, projection=projection, probes=probes,
+        probe_seed=probe_seed, labels=labels, modules=modules,
+    )
     lab, pred = _labels_mode(labels)
     return spec, norm, Source(inputs, batch_size, lab, "inputs"), pred
 
@@ -745,24 +803,46 @@ def _feature_blocks(
     modules: Sequence[str | nn.Module] | None,
     projection: Projection | None,
 ) -> Iterator[tuple[int, Tensor]]:
-    """The feature blocks of ``src`` in order: one capture per block, materialized or projected."""
-    with prepared(model, device=device, dtype=dtype) as (work, dev, dt):
-        sel = select_parameters(model, parameters) if spec.probes != "none" else {}
-        wparams = dict(work.named_parameters())
-        with requiring_grad([wparams[n] for n in sel]):
-            eng = _Engine(work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt,
-                          probes=probes, probe_seed=probe_seed, predicted=pred, modules=modules,
-                          keep_factors=projection is not None and projection.kind == "kronecker")
-            sizes = {n: wparams[n].numel() for n in sel}
-            try:
-                for blk in src.blocks():
+    """The feature blocks of ``src`` in order: one capture per block, materialized or projected.
+
+    One engine serves every block (its first-block checks and fallback decisions persist), but it is
+    attached to the model only while a block is captured: eval mode, ``requires_grad`` flags and hooks
+    are restored/removed before each ``yield``, so nothing is left on the caller's model while the
+    consumer holds a block or abandons the generator.
+    """
+    work, dev, dt = place(model, device=device, dtype=dtype)
+    sel = select_parameters(model, parameters) if spec.probes != "none" else {}
+    wparams = dict(work.named_parameters())
+    trainable = [wparams[n] for n in sel]
+    sizes = {n: wparams[n].numel() for n in sel}
+    eng: _Engine | None = None
+    hooks = HookStash(work)
+    try:
+        for blk in src.blocks():
+            with eval_mode(model, work), requiring_grad(trainable):
+                if eng is None:
+                    hooks.mark()
+                else:
+                    hooks.restore()
+                try:
+                    if eng is None:
+                        eng = _Engine(
+                            work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt,
+                            probes=probes, probe_seed=probe_seed, predicted=pred, modules=modules,
+                            keep_factors=projection is not None and projection.kind == "kronecker",
+                        )
                     cap = eng.capture(blk.x, blk.y)
                     if projection is None:
-                        yield blk.start, _block_features(cap, list(sel), spec, norm)
+                        feats = _block_features(cap, list(sel), spec, norm)
                     else:
-                        yield blk.start, _block_projected(cap, sizes, spec, norm, projection)
-            finally:
-                eng.close()
+                        feats = _block_projected(cap, sizes, spec, norm, projection)
+                    del cap
+                finally:
+                    hooks.stash()
+            yield blk.start, feats
+    finally:
+        if eng is not None:
+            eng.close()  # its hooks are stashed already; removing them again is a no-op
 
 
 def _block_features(cap: BlockCapture, order: list[str], spec: KindSpec, norm: bool) -> Tensor:

@@ -8,12 +8,39 @@ import torch
 from torch import Tensor
 
 from .capture import BlockCapture
-from .errors import UnknownKindError
+from .errors import InputError, UnknownKindError
+
+# Options of kernel / train_test_kernels / features / iter_features that only some kinds accept: the
+# option's name -> (its default: any other value is "given", what accepts it in words). Which kinds accept
+# which of them is the ``options`` field of each KindSpec below.
+GRADIENT_OPTIONS: frozenset[str] = frozenset({"parameters", "projection"})
+TRACE_OPTIONS: frozenset[str] = GRADIENT_OPTIONS | {"probes", "probe_seed"}
+LABEL_OPTIONS: frozenset[str] = frozenset({"labels", "other_labels", "test_labels"})
+OPTION_DEFAULTS: dict[str, object] = {
+    "parameters": None,
+    "projection": None,
+    "probes": None,
+    "probe_seed": 0,
+    "labels": None,
+    "other_labels": None,
+    "test_labels": None,
+    "modules": None,
+}
+OPTION_GROUPS: dict[str, str] = {
+    "parameters": "gradient kernels",
+    "projection": "gradient kernels",
+    "probes": "the trace kinds",
+    "probe_seed": "the trace kinds (with probes=)",
+    "labels": "the loss-gradient kind",
+    "other_labels": "the loss-gradient kind",
+    "test_labels": "the loss-gradient kind",
+    "modules": "the embedding kind",
+}
 
 
 @dataclass(frozen=True)
 class KindSpec:
-    """What a kernel kind differentiates and how it is assembled.
+    """What a kernel kind differentiates, how it is assembled and which options it accepts.
 
     Attributes:
         name: the kind's name.
@@ -22,6 +49,8 @@ class KindSpec:
         full: keep every probe pair (the C×C eNTK blocks) instead of the trace over matching probes.
         normalize: default of the block-aware cosine normalization.
         needs_labels: labels are required (loss gradients).
+        options: the kind-specific options (keys of ``OPTION_DEFAULTS``) this kind accepts; passing any
+            other of them with a non-default value is an error (:func:`check_options`).
     """
 
     name: str
@@ -29,15 +58,17 @@ class KindSpec:
     full: bool
     normalize: bool
     needs_labels: bool = False
+    options: frozenset[str] = frozenset()
 
 
 KINDS: dict[str, KindSpec] = {
-    "entk": KindSpec("entk", "onehot", True, False),
-    "trntk": KindSpec("trntk", "onehot", False, True),
-    "trntk0": KindSpec("trntk0", "onehot", False, False),
-    "pntk": KindSpec("pntk", "sum", False, False),
-    "gradcos": KindSpec("gradcos", "loss", False, True, needs_labels=True),
-    "em": KindSpec("em", "none", False, True),
+    "entk": KindSpec("entk", "onehot", True, False, options=GRADIENT_OPTIONS),
+    "trntk": KindSpec("trntk", "onehot", False, True, options=TRACE_OPTIONS),
+    "trntk0": KindSpec("trntk0", "onehot", False, False, options=TRACE_OPTIONS),
+    "pntk": KindSpec("pntk", "sum", False, False, options=TRACE_OPTIONS),
+    "gradcos": KindSpec("gradcos", "loss", False, True, needs_labels=True,
+                        options=GRADIENT_OPTIONS | LABEL_OPTIONS),
+    "em": KindSpec("em", "none", False, True, options=frozenset({"modules"})),
     "ck": KindSpec("ck", "none", False, True),
 }
 
@@ -47,6 +78,45 @@ def kind_spec(kind: str) -> KindSpec:
     if not isinstance(kind, str) or kind.lower() not in KINDS:
         raise UnknownKindError(f"Unknown kernel kind {kind!r}; choose one of {sorted(KINDS)}.")
     return KINDS[kind.lower()]
+
+
+def kinds_accepting(option: str) -> list[str]:
+    """The kinds that accept a kind-specific option, in registry order."""
+    return [k for k, spec in KINDS.items() if option in spec.options]
+
+
+def _is_default(option: str, value: object) -> bool:
+    default = OPTION_DEFAULTS[option]
+    if default is None or value is None or isinstance(value, (bool, str)):
+        return value is default
+    try:
+        return bool(value == default)
+    except (TypeError, ValueError, RuntimeError):  # e.g. a multi-element tensor
+        return False
+
+
+def check_options(spec: KindSpec, **given: object) -> None:
+    """Reject kind-specific options the kind does not accept (only non-default values count).
+
+    Args:
+        spec: the kind.
+        **given: option name (a key of ``OPTION_DEFAULTS``) -> the value the caller passed.
+
+    Raises:
+        InputError: an option with a non-default value does not apply to ``spec``; the message names
+            the kinds it applies to.
+    """
+    for option, value in given.items():
+        if option in spec.options or _is_default(option, value):
+            continue
+        kinds = kinds_accepting(option)
+        names = ", ".join(repr(k) for k in kinds)
+        default = OPTION_DEFAULTS[option]
+        use = f"kind={kinds[0]!r}" if len(kinds) == 1 else "one of those kinds"
+        raise InputError(
+            f"{option}= applies only to {OPTION_GROUPS[option]} ({names}), not to kind={spec.name!r}: remove "
+            f"{option}= (or pass {option}={default!r}), or use {use}."
+        )
 
 
 def block_gram(c1: BlockCapture, c2: BlockCapture, full: bool, groups: bool = False

@@ -103,8 +103,10 @@ class Source:
         self.name = name
         self.batch_size = batch_size
         self._loader: DataLoader | None = None
+        self._dataset: Dataset | None = None
         self._x: Batch | None = None
         self._y: torch.Tensor | None = None
+        self._has_labels: bool | None = None
         if isinstance(data, DataLoader):
             if not isinstance(data.sampler, SequentialSampler) and data.batch_sampler is not None:
                 if not isinstance(data.batch_sampler.sampler, SequentialSampler):
@@ -119,6 +121,7 @@ class Source:
                 self.n = sum(batch_size_of(self._split(b)[0]) for b in data)
         elif isinstance(data, Dataset) and not isinstance(data, torch.Tensor):
             self._loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+            self._dataset = data
             self.n = len(data)  # type: ignore[arg-type]
         elif isinstance(data, (tuple, list)):
             if len(data) != 2:
@@ -141,10 +144,14 @@ class Source:
 
     def _check_batch(self, x: Any) -> Batch:
         if isinstance(x, torch.Tensor):
+            self._check_not_meta(x)
             return x
         if isinstance(x, Mapping):
             if not x:
                 raise InputError(f"{self.name} is an empty dict; pass a dict of tensors.")
+            for v in x.values():
+                if isinstance(v, torch.Tensor):
+                    self._check_not_meta(v)
             return dict(x)
         try:
             import numpy as np
@@ -157,6 +164,34 @@ class Source:
             f"Unsupported {self.name} of type {type(x).__name__}: pass a tensor, a dict of tensors, an "
             "(inputs, labels) pair, a Dataset or a non-shuffling DataLoader."
         )
+
+    def _check_not_meta(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            raise InputError(
+                f"{self.name} is a tensor on the 'meta' device (a shape without values); pass a tensor with "
+                "data, e.g. created on 'cpu'."
+            )
+
+    @property
+    def yields_labels(self) -> bool:
+        """Whether the blocks carry labels: ``labels=`` given, an ``(inputs, labels)`` pair, or a Dataset /
+        DataLoader whose items are ``(x, y, ...)`` or dicts with a ``"labels"`` key (found by reading its
+        first item or batch, once)."""
+        if self._y is not None:
+            return True
+        if self._loader is None:
+            return False
+        if self._has_labels is None:
+            first: Any = None
+            if self._dataset is not None:
+                try:
+                    first = self._dataset[0]
+                except Exception:  # noqa: BLE001 - e.g. an IterableDataset: read a batch instead
+                    first = None
+            if first is None:
+                first = next(iter(self._loader), None)
+            self._has_labels = first is not None and self._split(first)[1] is not None
+        return self._has_labels
 
     @staticmethod
     def _split(batch: Any) -> tuple[Batch, torch.Tensor | None]:

@@ -55,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tangentlens.errors import InputError, UnknownKindError
+from tangentlens.errors import InputError, MemoryBudgetError, UnknownKindError
 
 __all__ = [
     "KINDS",
@@ -267,6 +268,81 @@ def _check_int(name: str, value: object, *, minimum: int | None = None) -> int:
     return value
 
 
+_CHECK_FLOOR = 64 * 2**20  # allocations below this are never checked against the free memory
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Memory an allocation on ``device`` can use now, in bytes; ``None`` when it cannot be told.
+
+    CPU: ``MemAvailable`` of ``/proc/meminfo`` (free plus reclaimable cache), capped by a cgroup v2 limit
+    (``memory.max - memory.current``); else the free physical pages. CUDA: the device's free memory plus
+    what PyTorch's caching allocator holds unused.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(dev)
+            return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+        except (RuntimeError, AssertionError):  # pragma: no cover - no CUDA runtime
+            return None
+    if dev.type != "cpu":
+        return None
+    avail: int | None = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        avail = None
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+            return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                used = int(f.read().strip())
+            avail = min(avail, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
+
+
+def check_memory(
+    nbytes: int, device: torch.device | str, what: str, fix: str | Callable[[int], str]
+) -> None:
+    """Raise before allocating ``nbytes`` on ``device`` if they exceed the memory available there.
+
+    Args:
+        nbytes: the size of the allocation (or working set) about to be made.
+        device: where it would live.
+        what: what would be allocated, for the message.
+        fix: what to change, for the message (a callable gets the available bytes).
+
+    Raises:
+        MemoryBudgetError: ``nbytes`` exceeds :func:`available_bytes` (allocations under 64 MiB, and
+            devices whose free memory cannot be told, are never refused).
+    """
+    if nbytes <= _CHECK_FLOOR:
+        return
+    avail = available_bytes(device)
+    if avail is not None and nbytes > avail:
+        text = fix(avail) if callable(fix) else fix
+        raise MemoryBudgetError(
+            f"{what} would need {_gib(nbytes)} but only {_gib(avail)} are available on "
+            f"{torch.device(device)}; nothing was allocated. {text[0].upper() + text[1:]}."
+        )
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -361,6 +437,7 @@ class Projection:
         self._cache_bytes = 0
         self._work: dict[tuple[Any, ...], Tensor] = {}
         self._flat: Projection | None = None
+        self._label = f"Projection(dim={self.dim:,}, kind={kind!r})"  # how error messages name it
         if kind == "kronecker":
             self._flat = Projection(
                 self.dim,
@@ -371,6 +448,7 @@ class Projection:
                 memory_budget_bytes=memory_budget_bytes,
                 dtype=dtype,
             )
+            self._flat._label = f"{self._label}'s {fallback!r} part (parameters without Kronecker factors)"
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -504,8 +582,11 @@ class Projection:
                 f"srht cannot map P={total} coordinates to more (dim={self.dim}) rows; use a "
                 f"smaller dim, or kind='rademacher'/'gaussian' if you need K > P."
             )
+        empty = p == 0 or n == 0
+        if not empty:
+            self._check_working_set(n, p, g.device, dtype)
         out = g.new_zeros((n, self._kpad if self.kind in ("rademacher", "gaussian") else self.dim))
-        if p == 0 or n == 0:
+        if empty:
             return out[:, : self.dim]
         if self.kind in ("rademacher", "gaussian"):
             self._project_dense(g, offset, out, total)
@@ -519,9 +600,51 @@ class Projection:
 
     __call__ = project
 
+    def _check_working_set(self, n: int, p: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Refuse, before allocating anything, a :meth:`project` call on ``n`` rows of ``p`` columns whose
+        working set (output rows, dense tile workspace, sparse structure, Hadamard buffers) exceeds the
+        memory available on ``device``.
+
+        Raises:
+            MemoryBudgetError: the message says what to change (smaller ``dim``, fewer rows per call, or a
+                kind that never materializes dense tiles of ``R``).
+        """
+        isz = dtype.itemsize
+        if self.kind in ("rademacher", "gaussian"):
+            per_k = 3 * n * isz  # padded output, its scaled slice, the reference-scaled copy
+            if (device, dtype) not in self._work:
+                per_k += self.tile * isz * (2 if self.kind == "gaussian" else 1)  # tile workspace (+ draw)
+            fixed = 0
+            streams = "; or a kind that never materializes dense tiles of R: kind='sjlt' or 'kronecker'"
+        elif self.kind == "sjlt":
+            per_k, fixed, streams = 2 * n * isz, 16 * p * self.s + 2 * 16 * p * isz, ""
+        else:  # srht: output, plus the padded tile and two transform buffers of T >= K columns per row
+            per_k = n * isz * (2 + 3 * self.tile // self.dim)
+            fixed, streams = n * p * isz, ""
+        need = per_k * self.dim + fixed
+
+        def fix(avail: int) -> str:
+            kmax = max((avail - fixed) // per_k, 0)
+            return (
+                f"use a smaller projection dim (about dim <= {kmax:,} fits here), or fewer rows per call "
+                f"(a smaller batch_size){streams}"
+            )
+
+        label = getattr(self, "_label", f"Projection(dim={self.dim:,}, kind={self.kind!r})")  # old pickles
+        check_memory(need, device, f"{label} on {n:,} rows x {p:,} columns ({dtype})", fix)
+
     def matrix(self, total_dim: int, *, dtype: torch.dtype = torch.float64) -> Tensor:
-        """The explicit ``(K, P)`` matrix (for tests and small ``P`` only: ``K P`` floats)."""
+        """The explicit ``(K, P)`` matrix (for tests and small ``P`` only: ``K P`` floats).
+
+        Raises:
+            MemoryBudgetError: the ``P x P`` identity it projects and the result do not fit in memory.
+        """
         total_dim = _check_int("total_dim", total_dim, minimum=1)
+        check_memory(
+            (total_dim * total_dim + 2 * total_dim * self._kpad) * dtype.itemsize, "cpu",
+            f"Projection.matrix({total_dim:,})",
+            "matrix() is for small P only; project the vectors with project() instead",
+        )
         eye = torch.eye(total_dim, dtype=dtype)
         return self.project(eye, 0, total_dim).T.contiguous()
 
@@ -810,9 +933,18 @@ class Projection:
                 f"projected to more coordinates than it has; use k <= d (k = d: no projection)."
             )
         dtype = self.dtype or a.dtype
+        m = delta.shape[1]
+        isz = dtype.itemsize
+        folded = 2 * n * m * self.dim if self.fold else 0
+        need = isz * (n * big_t * ki + n * m * big_t * ko + 2 * n * m * ko * ki + folded)
+        check_memory(
+            need, a.device,
+            f"project_kronecker of layer {key!r} (dim={self.dim:,}, kron_dim={self.kron_dim:,}, k_in={ki:,}, "
+            f"k_out={ko:,}) on {n:,} rows",
+            "use a smaller kron_dim (and dim), or fewer rows per call (a smaller batch_size)",
+        )
         a = a.to(dtype)
         delta = delta.to(dtype)
-        m = delta.shape[1]
         pin = self._kron_factor(key, "in", d_in, ki, a.device, dtype)
         pout = self._kron_factor(key, "out", d_out, ko, a.device, dtype)
         pa = a if pin is None else _matmul(a.reshape(n * big_t, d_in), pin).view(n, big_t, ki)
