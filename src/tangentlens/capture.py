@@ -71,14 +71,13 @@ class OuterCap:
     wshape: tuple[int, ...]
 
     def _a_gram(self, other: OuterCap) -> Tensor:
-        # (B1, B2, T1, T2) inner products of activations, plus 1 for the bias, 0 without the weight
-        if self.weight is not None:
-            A = torch.einsum("itd,jsd->ijts", self.a, other.a)
-            if self.bias is not None:
-                A = A + 1
-        else:
-            A = self.a.new_ones(self.a.shape[0], other.a.shape[0], self.a.shape[1], other.a.shape[1])
-        return A
+        # (B1, T1, B2, T2) inner products of activations (one GEMM), plus 1 for the bias, 0 without the weight
+        B1, T1, _ = self.a.shape
+        B2, T2, _ = other.a.shape
+        if self.weight is None:
+            return self.a.new_ones(B1, T1, B2, T2)
+        A = (self.a.reshape(B1 * T1, -1) @ other.a.reshape(B2 * T2, -1).T).reshape(B1, T1, B2, T2)
+        return A + 1 if self.bias is not None else A
 
     def gram(self, other: OuterCap, full: bool) -> Tensor:
         d1, d2 = self.delta, other.delta
@@ -96,11 +95,11 @@ class OuterCap:
                 return A[:, :, None, None] * D.reshape(B1, M, B2, M).permute(0, 2, 1, 3)
             D = d1.reshape(B1, -1) @ d2.reshape(B2, -1).T
             return A * D
+        # Σ_{t,s} (a_it·a_js)(δ_it·δ_js): two GEMMs over (example, position) rows, O(B1·T1·B2·T2) memory
         A = self._a_gram(other)
         if full:
-            return torch.einsum("ijts,imtd,jnsd->ijmn", A, d1, d2)
-        D = torch.einsum("imtd,jmsd->ijts", d1, d2)
-        return (A * D).sum((2, 3))
+            return torch.einsum("itjs,imtd,jnsd->ijmn", A, d1, d2)
+        return (A * _position_gram(d1, d2)).sum((1, 3))
 
     def sqnorms(self) -> Tensor:
         """(B, M) squared norms of the per-example, per-probe gradients."""
@@ -111,10 +110,10 @@ class OuterCap:
                 an = (self.a[:, 0] ** 2).sum(-1, keepdim=True)
                 s = s * (an + 1 if self.bias is not None else an)
             return s
-        A = torch.einsum("btd,bsd->bts", self.a, self.a) if self.weight is not None else None
-        D = torch.einsum("bmtd,bmsd->bmts", d, d)
-        if A is None:
+        D = d @ d.transpose(2, 3)  # (B, M, T, T)
+        if self.weight is None:
             return D.sum((2, 3))
+        A = self.a @ self.a.transpose(1, 2)
         if self.bias is not None:
             A = A + 1
         return (A[:, None] * D).sum((2, 3))
@@ -153,18 +152,21 @@ class EmbeddingCap:
     num_embeddings: int
 
     def _match(self, other: EmbeddingCap) -> Tensor:
-        S = (self.idx[:, None, :, None] == other.idx[None, :, None, :]) & (self.idx[:, None, :, None] >= 0)
-        return S.to(self.delta.dtype)
+        # (B1, T1, B2, T2): do positions t of example i and s of example j look up the same (non-pad) row?
+        i1, i2 = self.idx, other.idx
+        S = (i1.reshape(-1, 1) == i2.reshape(1, -1)) & (i1.reshape(-1, 1) >= 0)
+        return S.reshape(*i1.shape, *i2.shape)
 
     def gram(self, other: EmbeddingCap, full: bool) -> Tensor:
-        S = self._match(other)
+        S = self._match(other).to(self.delta.dtype)
         if full:
-            return torch.einsum("ijts,imtd,jnsd->ijmn", S, self.delta, other.delta)
-        return torch.einsum("ijts,imtd,jmsd->ij", S, self.delta, other.delta)
+            return torch.einsum("itjs,imtd,jnsd->ijmn", S, self.delta, other.delta)
+        return (S * _position_gram(self.delta, other.delta)).sum((1, 3))
 
     def sqnorms(self) -> Tensor:
         S = (self.idx[:, :, None] == self.idx[:, None, :]) & (self.idx[:, :, None] >= 0)
-        return torch.einsum("bts,bmtd,bmsd->bm", S.to(self.delta.dtype), self.delta, self.delta)
+        D = self.delta @ self.delta.transpose(2, 3)  # (B, M, T, T)
+        return (S[:, None].to(D.dtype) * D).sum((2, 3))
 
     def _dense(self, delta: Tensor) -> Tensor:
         # delta (B, M, T, d) -> (B, M, V, d)
@@ -181,7 +183,12 @@ class EmbeddingCap:
         return {self.weight: self._dense(self.delta).reshape(B, M, -1)}
 
     def batch_sum(self, m: int, w: Tensor) -> dict[str, Tensor]:
-        return {self.weight: self._dense(self.delta[:, m : m + 1] * w[:, None, None, None]).sum((0, 1))}
+        # Σ_i w_i Σ_t e_{idx[i, t]} δ[i, m, t]ᵀ scattered straight into the (V, d) table
+        d = self.delta[:, m] * w[:, None, None]
+        keep = self.idx >= 0
+        out = d.new_zeros(self.num_embeddings, d.shape[-1])
+        out.index_add_(0, self.idx[keep], d[keep])
+        return {self.weight: out}
 
     def nbytes(self) -> int:
         return self.idx.numel() * 8 + self.delta.numel() * self.delta.element_size()
@@ -225,6 +232,14 @@ class DenseCap:
 
 
 Cap = OuterCap | EmbeddingCap | DenseCap
+
+
+def _position_gram(d1: Tensor, d2: Tensor) -> Tensor:
+    """(B1, T1, B2, T2) = Σ_m δ1[i, m, t]·δ2[j, m, s], as one GEMM over (example, position) rows."""
+    B1, M, T1, d = d1.shape
+    B2, _, T2, _ = d2.shape
+    D = d1.transpose(1, 2).reshape(B1 * T1, M * d) @ d2.transpose(1, 2).reshape(B2 * T2, M * d).T
+    return D.reshape(B1, T1, B2, T2)
 
 
 @dataclass
