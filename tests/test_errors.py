@@ -178,7 +178,8 @@ def test_integer_inputs_for_a_float_model(mlp: nn.Module) -> None:
             tl.kernel(mlp, xi, kind=kind)
         assert isinstance(e.value, InputError)
         msg = str(e.value)
-        assert "torch.int64" in msg and "(6, 4)" in msg and "Sequential" in msg and "first layer" in msg
+        assert "torch.int64" in msg and re.search(r"\((4|6), 4\)", msg)  # the block (or its first slice)
+        assert "Sequential" in msg and "first layer" in msg
         assert isinstance(e.value.__cause__, RuntimeError)  # the model's own exception is chained
 
 
@@ -192,7 +193,7 @@ def test_float_inputs_for_an_embedding_model() -> None:
 def test_wrong_shape_inputs(mlp: nn.Module) -> None:
     with pytest.raises(ModelCallError, match="last dimension is 4") as e:
         tl.kernel(mlp, torch.randn(6, 5))
-    assert "shape (6, 5)" in str(e.value) and "Reshape" in str(e.value)
+    assert re.search(r"shape \((4|6), 5\)", str(e.value)) and "Reshape" in str(e.value)
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
     with pytest.raises(ModelCallError, match=r"expects floating inputs of shape \(B, 1, H, W\)"):

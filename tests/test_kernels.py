@@ -258,10 +258,13 @@ def test_batch_size_invariance_and_input_forms() -> None:
     torch.testing.assert_close(recomputed, cross)
     sym_recomputed = tl.kernel(m, x, kind="trntk", dtype=torch.float64, batch_size=3, cache_bytes=0)
     torch.testing.assert_close(sym_recomputed, ref)
-    # the default cache budget follows the free memory; an explicit budget is taken as given
-    from tangentlens.api import _cache_budget
+    # the default budget follows the free memory; explicit budgets are taken as given
+    from tangentlens.api import _budget
 
-    assert _cache_budget(None) >= 2**28 and _cache_budget(12345) == 12345
+    cpu = torch.device("cpu")
+    b = _budget(None, None, cpu)
+    assert b.total >= 2**29 and b.cache == b.total // 2 and b.work >= b.total // 2
+    assert _budget(2**30, 12345, cpu).cache == 12345 and _budget(2**30, None, cpu).work == 2**29
     full = tl.kernel(m, x, kind="entk", dtype=torch.float64, batch_size=3, normalize=True)
     full0 = tl.kernel(m, x, kind="entk", dtype=torch.float64, batch_size=3, normalize=True, cache_bytes=0)
     torch.testing.assert_close(full0, full)

@@ -8,13 +8,18 @@ baselines. Faithfulness: :func:`faithfulness`, :func:`aggregate`. Explanations: 
 
 from .api import available_kinds, features, iter_features, kernel, train_test_kernels
 from .errors import (
+    DeviceError,
     InputError,
+    MemoryBudgetError,
+    MemoryBudgetWarning,
+    ModelCallError,
     ModelOutputError,
     NonFiniteError,
     ParameterSelectionError,
     StoreMismatchError,
     TangentLensError,
     UnknownKindError,
+    UnsupportedLayerError,
     UnsupportedLayerWarning,
 )
 from .explain import explain, most_similar
@@ -52,5 +57,10 @@ __all__ = [
     "NonFiniteError",
     "StoreMismatchError",
     "UnsupportedLayerWarning",
+    "UnsupportedLayerError",
+    "ModelCallError",
+    "DeviceError",
+    "MemoryBudgetError",
+    "MemoryBudgetWarning",
     "__version__",
 ]

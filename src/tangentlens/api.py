@@ -9,19 +9,19 @@ while they fit ``cache_bytes`` and recomputed per block otherwise.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .capture import BlockCapture, DenseCap, GradientCapture, OuterCap
-from .errors import InputError, NonFiniteError
+from .errors import InputError, MemoryBudgetWarning, NonFiniteError
 from .gram import KindSpec, block_gram, block_sqnorms, check_options, cosine_normalize, kind_spec
-from .inputs import Batch, Source, batch_size_of, move_batch
+from .inputs import Batch, Block, Source, batch_size_of, move_batch
 from .model import (
     HookStash,
     ParameterSpec,
@@ -35,20 +35,38 @@ from .model import (
     resolve_device,
     select_parameters,
 )
-from .sketch import Projection, check_memory, output_probes
+from .sketch import Projection, available_bytes, check_memory, output_probes
 
-DEFAULT_CACHE_BYTES: int | None = None  # None: a third of the memory available when the call starts
+DEFAULT_CACHE_BYTES: int | None = None  # None: half of the memory budget
+DEFAULT_MEMORY_BUDGET: int | None = None  # None: a quarter of the memory available when the call starts
 
 
-def _cache_budget(cache_bytes: int | None) -> int:
-    """Resolve ``cache_bytes``: None means a third of the currently available physical memory (≥ 256 MiB)."""
-    if cache_bytes is not None:
-        return int(cache_bytes)
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
-        avail = 6 * 2**30
-    return max(avail // 3, 2**28)
+@dataclass(frozen=True)
+class _Budget:
+    """One call's memory budget, split between the column-capture cache and one block's working set."""
+
+    total: int
+    cache: int
+    work: int
+
+
+def _budget(memory_budget: int | None, cache_bytes: int | None, device: torch.device) -> _Budget:
+    """Resolve the memory budget: ``memory_budget`` bytes, or a quarter of the memory available now on
+    ``device`` (at least 512 MiB; 4 GiB where it cannot be told). Half of it bounds the working set of a
+    block, the other half (or ``cache_bytes``) the cache of captures."""
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+            raise InputError(f"memory_budget must be a positive number of bytes; got {memory_budget!r}.")
+        total = memory_budget
+    else:
+        avail = available_bytes(device)
+        total = max(avail // 4, 2**29) if avail is not None else 4 * 2**30
+    if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
+                                    or cache_bytes < 0):
+        raise InputError(f"cache_bytes must be a non-negative number of bytes; got {cache_bytes!r}.")
+    cache = total // 2 if cache_bytes is None else cache_bytes
+    return _Budget(total, cache, max(total - total // 2, 1))
+
 
 LabelSpec = Any  # tensor-like labels, or the string "predicted"
 
@@ -225,6 +243,14 @@ def _first_tensor(o: Any) -> Tensor:
 
 
 class _Engine:
+    """One prepared model, one capturer, and the plan that sizes its blocks from the memory budget.
+
+    ``limit`` is the caller's ``batch_size``; ``materialize`` says what the consumer of the captures
+    needs ("chosen": kernels, "all": flat features, "kronecker": Kronecker-projected features).
+    ``n_cache`` (set by the kernel assembly before the first block) is how many examples' captures may
+    be kept at once.
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -237,12 +263,19 @@ class _Engine:
         probe_seed: int,
         predicted: bool,
         modules: Sequence[str | nn.Module] | None,
+        budget: _Budget,
+        limit: int,
         verify: bool = True,
-        keep_factors: bool = False,
+        materialize: str = "chosen",
     ) -> None:
         self.spec = spec
         self.device = device
         self.dtype = dtype
+        self.budget = budget
+        self.limit = limit
+        self.materialize = materialize
+        self.n_cache = 0
+        self.block: int | None = None  # examples per capture, planned on the first block
         if spec.probes == "none":
             self.acts: ActivationCapture | None = ActivationCapture(model, spec.name, modules)
             self.grads: GradientCapture | None = None
@@ -251,7 +284,8 @@ class _Engine:
             self.acts = None
             self.params = select_parameters(model, parameters)
             fn = make_probe_fn(spec, probes, probe_seed, predicted)
-            self.grads = GradientCapture(model, self.params, fn, verify=verify, keep_factors=keep_factors)
+            self.grads = GradientCapture(model, self.params, fn, verify=verify,
+                                         keep_factors=materialize == "kronecker")
 
     def capture(self, x: Batch, y: Tensor | None) -> BlockCapture:
         x = move_batch(x, self.device, self.dtype)
@@ -259,6 +293,42 @@ class _Engine:
             return self.acts.capture(x)
         assert self.grads is not None
         return self.grads.capture(x, y)
+
+    def blocks(self, src: Source, skip_before: int = 0) -> Iterator[Block]:
+        """``src``'s blocks, split to the planned size; those ending at or before ``skip_before`` skipped."""
+        for blk in src.blocks():
+            if self.block is None:
+                self._plan(blk)
+            assert self.block is not None
+            for sub in blk.split(self.block):
+                if sub.start + sub.size > skip_before:
+                    yield sub
+
+    def _plan(self, blk: Block) -> None:
+        if self.grads is None:
+            self.block = self.limit
+            return
+        plan = self.grads.plan(
+            move_batch(blk.x, self.device, self.dtype), blk.y, limit=self.limit, n_cache=self.n_cache,
+            cache_budget=self.budget.cache, work_budget=self.budget.work, materialize=self.materialize,
+        )
+        self.block = plan.block
+        if plan.fits < min(self.limit, blk.size) or plan.dropped:
+            what = []
+            if plan.fits < min(self.limit, blk.size):
+                what.append(
+                    f"captures {plan.fits} examples at a time instead of batch_size={self.limit} "
+                    f"(≈ {plan.working / 2**20:.0f} MiB of working memory per example)"
+                )
+            if plan.dropped:
+                what.append(f"keeps the factored form of {len(plan.dropped)} layers so that the captures "
+                            "of all examples fit the cache")
+            warnings.warn(
+                f"To stay within its memory budget of {self.budget.total / 2**30:.2f} GiB the call "
+                f"{' and '.join(what)}. Pass memory_budget= (bytes) to change the budget.",
+                MemoryBudgetWarning,
+                stacklevel=5,
+            )
 
     def close(self) -> None:
         if self.acts is not None:
@@ -338,6 +408,7 @@ def kernel(
     by_layer: bool = False,
     cache_bytes: int | None = DEFAULT_CACHE_BYTES,
     projection: Projection | None = None,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
 ) -> Tensor | dict[str, Tensor]:
     r"""Empirical kernel of a trained network between ``inputs`` and ``other`` (or ``inputs`` itself).
 
@@ -411,15 +482,16 @@ def kernel(
         return _projected_kernel(
             model, inputs, other, spec=spec, norm=norm, parameters=parameters, batch_size=batch_size,
             device=device, dtype=dtype, labels=labels, other_labels=other_labels, probes=probes,
-            probe_seed=probe_seed, projection=projection, by_layer=by_layer,
+            probe_seed=probe_seed, projection=projection, by_layer=by_layer, memory_budget=memory_budget,
         )
     src2 = Source(other, batch_size, lab2, "other") if other is not None else None
     predicted = pred1 or (pred2 and src2 is not None)
     with _engine(
         model, spec, parameters=parameters, device=device, dtype=dtype, probes=probes, probe_seed=probe_seed,
-        predicted=predicted, modules=modules,
+        predicted=predicted, modules=modules, memory_budget=memory_budget, cache_bytes=cache_bytes,
+        batch_size=batch_size,
     ) as eng:
-        return _assemble(eng, src1, src2, spec, norm, by_layer, _cache_budget(cache_bytes))
+        return _assemble(eng, src1, src2, spec, norm, by_layer)
 
 
 def train_test_kernels(
@@ -441,6 +513,7 @@ def train_test_kernels(
     by_layer: bool = False,
     cache_bytes: int | None = DEFAULT_CACHE_BYTES,
     projection: Projection | None = None,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
 ) -> tuple[Tensor, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The two blocks a kernel surrogate needs, K(train, train) and K(test, train), in one pass.
 
@@ -488,6 +561,7 @@ def train_test_kernels(
         kw: dict[str, Any] = dict(
             kind=spec.name, normalize=False, projection=projection, parameters=parameters,
             batch_size=batch_size, device=device, dtype=dtype, probes=probes, probe_seed=probe_seed,
+            memory_budget=memory_budget,
         )
         F_tr = features(model, train, labels=labels, **kw)
         F_te = features(model, test, labels=test_labels, **kw)
@@ -495,12 +569,12 @@ def train_test_kernels(
     src_tr = Source(train, batch_size, lab_tr, "train")
     with _engine(
         model, spec, parameters=parameters, device=device, dtype=dtype, probes=probes, probe_seed=probe_seed,
-        predicted=pred_tr, modules=modules,
+        predicted=pred_tr, modules=modules, memory_budget=memory_budget, cache_bytes=cache_bytes,
+        batch_size=batch_size,
     ) as eng:
-        budget = _cache_budget(cache_bytes)
-        acc, d_tr, caps = _symmetric(eng, src_tr, spec.full, by_layer, budget, keep=True)
+        acc, d_tr, caps = _symmetric(eng, src_tr, spec.full, by_layer, keep=True)
         K_tr = _finish(acc, d_tr, d_tr, norm, by_layer, True)
-        acc2, d_te, _ = _cross(eng, src_te, src_tr, spec.full, by_layer, budget, caps2=caps, d2=d_tr)
+        acc2, d_te, _ = _cross(eng, src_te, src_tr, spec.full, by_layer, caps2=caps, d2=d_tr)
         return K_tr, _finish(acc2, d_te, d_tr, norm, by_layer, False)  # type: ignore[return-value]
 
 
@@ -516,6 +590,9 @@ def _engine(
     probe_seed: int,
     predicted: bool,
     modules: Sequence[str | nn.Module] | None,
+    memory_budget: int | None,
+    cache_bytes: int | None,
+    batch_size: int,
 ) -> Iterator[_Engine]:
     """An engine on the prepared (eval-mode, placed) model; everything is restored on exit."""
     with prepared(model, device=device, dtype=dtype) as (work, dev, dt):
@@ -525,6 +602,7 @@ def _engine(
             eng = _Engine(
                 work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt, probes=probes,
                 probe_seed=probe_seed, predicted=predicted, modules=modules,
+                budget=_budget(memory_budget, cache_bytes, dev), limit=batch_size,
             )
             try:
                 yield eng
@@ -533,9 +611,7 @@ def _engine(
 
 
 def _iter_caps(eng: _Engine, src: Source, skip_before: int = 0) -> Iterator[tuple[int, BlockCapture]]:
-    for blk in src.blocks():
-        if blk.start + blk.size <= skip_before:
-            continue
+    for blk in eng.blocks(src, skip_before):
         yield blk.start, eng.capture(blk.x, blk.y)
 
 
@@ -568,11 +644,13 @@ def _sqnorms(c: BlockCapture, full: bool) -> Tensor:
 
 
 def _symmetric(
-    eng: _Engine, src: Source, full: bool, by_layer: bool, cache_bytes: int, keep: bool = False
+    eng: _Engine, src: Source, full: bool, by_layer: bool, keep: bool = False
 ) -> tuple[_Accumulator, Tensor, list[tuple[int, BlockCapture]] | None]:
     """K(src, src) block by block (upper triangle, mirrored) and its diagonal; with ``keep``, also the
-    captures when they fit ``cache_bytes`` (else None)."""
+    captures when they fit the engine's cache budget (else None)."""
     n = len(src)
+    eng.n_cache = n
+    cache_bytes = eng.budget.cache
     acc = _Accumulator(n, n, full)
     d_list: list[Tensor] = []
 
@@ -609,12 +687,14 @@ def _cross(
     src2: Source,
     full: bool,
     by_layer: bool,
-    cache_bytes: int,
     caps2: list[tuple[int, BlockCapture]] | None = None,
     d2: Tensor | None = None,
 ) -> tuple[_Accumulator, Tensor, Tensor]:
     """K(src1, src2) and both diagonals; ``caps2``/``d2``: captures and diagonal of src2 already at hand."""
     acc = _Accumulator(len(src1), len(src2), full)
+    if eng.block is None:
+        eng.n_cache = len(src2)
+    cache_bytes = eng.budget.cache
     if caps2 is None:
         first2 = _iter_caps(eng, src2)
         s0, c0 = next(first2)
@@ -661,12 +741,11 @@ def _assemble(
     spec: KindSpec,
     norm: bool,
     by_layer: bool,
-    cache_bytes: int,
 ) -> Tensor | dict[str, Tensor]:
     if src2 is None:
-        acc, d, _ = _symmetric(eng, src1, spec.full, by_layer, cache_bytes)
+        acc, d, _ = _symmetric(eng, src1, spec.full, by_layer)
         return _finish(acc, d, d, norm, by_layer, True)
-    acc, d1, d2 = _cross(eng, src1, src2, spec.full, by_layer, cache_bytes)
+    acc, d1, d2 = _cross(eng, src1, src2, spec.full, by_layer)
     return _finish(acc, d1, d2, norm, by_layer, False)
 
 
@@ -685,6 +764,7 @@ def features(
     probe_seed: int = 0,
     modules: Sequence[str | nn.Module] | None = None,
     projection: Projection | None = None,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
 ) -> Tensor:
     """Per-example feature vectors whose inner products give ``kernel(..., kind=kind)``.
 
@@ -711,7 +791,8 @@ def features(
     )
     out: Tensor | None = None
     for start, b in _feature_blocks(
-        model, src, spec, norm, pred, parameters, device, dtype, probes, probe_seed, modules, projection
+        model, src, spec, norm, pred, parameters, device, dtype, probes, probe_seed, modules, projection,
+        memory_budget,
     ):
         if out is None:  # one allocation of the result; blocks are copied in as they stream
             shape = (len(src), *b.shape[1:])
@@ -741,6 +822,7 @@ def iter_features(
     probe_seed: int = 0,
     modules: Sequence[str | nn.Module] | None = None,
     projection: Projection | None = None,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
 ) -> Iterator[tuple[int, Tensor]]:
     """Stream :func:`features` as ``(start_row, block)`` pairs (blocks on the CPU).
 
@@ -763,7 +845,8 @@ def iter_features(
     if spec.probes != "none":
         select_parameters(model, parameters)  # a bad (or all-frozen) selection fails here, not at next()
     return _feature_blocks(
-        model, src, spec, norm, pred, parameters, device, dtype, probes, probe_seed, modules, projection
+        model, src, spec, norm, pred, parameters, device, dtype, probes, probe_seed, modules, projection,
+        memory_budget,
     )
 
 
@@ -802,8 +885,10 @@ def _feature_blocks(
     probe_seed: int,
     modules: Sequence[str | nn.Module] | None,
     projection: Projection | None,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
 ) -> Iterator[tuple[int, Tensor]]:
-    """The feature blocks of ``src`` in order: one capture per block, materialized or projected.
+    """The feature blocks of ``src`` in order: one capture per block (split to the size the memory budget
+    allows), materialized or projected.
 
     One engine serves every block (its first-block checks and fallback decisions persist), but it is
     attached to the model only while a block is captured: eval mode, ``requires_grad`` flags and hooks
@@ -817,29 +902,42 @@ def _feature_blocks(
     sizes = {n: wparams[n].numel() for n in sel}
     eng: _Engine | None = None
     hooks = HookStash(work)
+    if projection is None:
+        materialize = "all"
+    else:
+        materialize = "kronecker" if projection.kind == "kronecker" else "all"
     try:
         for blk in src.blocks():
-            with eval_mode(model, work), requiring_grad(trainable):
-                if eng is None:
-                    hooks.mark()
-                else:
-                    hooks.restore()
-                try:
+            subs: Iterator[Block] = iter([blk])
+            while (sub := next(subs, None)) is not None:
+                with eval_mode(model, work), requiring_grad(trainable):
                     if eng is None:
-                        eng = _Engine(
-                            work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt,
-                            probes=probes, probe_seed=probe_seed, predicted=pred, modules=modules,
-                            keep_factors=projection is not None and projection.kind == "kronecker",
-                        )
-                    cap = eng.capture(blk.x, blk.y)
-                    if projection is None:
-                        feats = _block_features(cap, list(sel), spec, norm)
+                        hooks.mark()
                     else:
-                        feats = _block_projected(cap, sizes, spec, norm, projection)
-                    del cap
-                finally:
-                    hooks.stash()
-            yield blk.start, feats
+                        hooks.restore()
+                    try:
+                        if eng is None:
+                            eng = _Engine(
+                                work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt,
+                                probes=probes, probe_seed=probe_seed, predicted=pred, modules=modules,
+                                budget=_budget(memory_budget, None, dev), limit=src.batch_size,
+                                materialize=materialize,
+                            )
+                        if eng.block is None:
+                            eng._plan(blk)
+                        assert eng.block is not None
+                        if sub is blk and blk.size > eng.block:  # split to the planned size
+                            subs = blk.split(eng.block)
+                            sub = next(subs)
+                        cap = eng.capture(sub.x, sub.y)
+                        if projection is None:
+                            feats = _block_features(cap, list(sel), spec, norm)
+                        else:
+                            feats = _block_projected(cap, sizes, spec, norm, projection)
+                        del cap
+                    finally:
+                        hooks.stash()
+                yield sub.start, feats
     finally:
         if eng is not None:
             eng.close()  # its hooks are stashed already; removing them again is a no-op

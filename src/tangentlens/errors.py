@@ -53,3 +53,7 @@ class UnsupportedLayerWarning(UserWarning):
 
 class UnsupportedLayerError(TangentLensError, ValueError):
     """A layer's per-example gradients cannot be computed as it is called; the message says what to change."""
+
+
+class MemoryBudgetWarning(UserWarning):
+    """A call splits its blocks (or keeps layers factored) to stay within its memory budget; said once."""

@@ -38,6 +38,16 @@ class Block:
     def size(self) -> int:
         return batch_size_of(self.x)
 
+    def split(self, size: int) -> Iterator[Block]:
+        """Consecutive sub-blocks of at most ``size`` examples (this block itself if it fits)."""
+        n = self.size
+        if n <= size:
+            yield self
+            return
+        for s in range(0, n, size):
+            e = min(s + size, n)
+            yield Block(self.start + s, slice_batch(self.x, s, e), None if self.y is None else self.y[s:e])
+
 
 def batch_size_of(x: Batch) -> int:
     """Number of examples in a batch (first dimension)."""
