@@ -627,10 +627,10 @@ class CapturePlan:
     dropped: list[str]
 
 
-GRAM_TILE_BYTES = 8 * 2**20
+GRAM_TILE_BYTES = 4 * 2**20
 """Position-wise Gram intermediates of one pair of blocks are kept near this size: larger tiles are no
-faster (measured on a MiniLM-sized BERT, 29 tokens: blocks of 8-32 examples 6.6-7.7 s, one block of 48
-11.2 s), and a symmetric kernel computes only the upper triangle of its block pairs."""
+faster (a MiniLM-sized BERT, 30 tokens, N = 48, 1 thread: blocks of 12 or 16 examples 4.7-4.8 s, 24
+5.8 s, one block of 48 6.4 s), and a symmetric kernel computes only the upper triangle of its block pairs."""
 
 
 def _largest_block(w: float, g: float, budget: float, limit: int, tile: bool = True) -> int:
