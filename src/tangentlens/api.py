@@ -449,19 +449,24 @@ def kernel(
         modules: modules for ``"em"``.
         by_layer: return ``{layer group: unnormalized kernel}`` whose sum is the unnormalized kernel.
         cache_bytes: keep the captures of ``other`` (or of ``inputs`` for a symmetric kernel) in memory up
-            to this many bytes, else recompute them per block; None (default) allows a third of the
-            physical memory available at the call.
+            to this many bytes, else recompute them per block; None (default): half of ``memory_budget``.
         projection: a :class:`tangentlens.sketch.Projection` R (K×P): the kernel of projected features
             φ_c(x) = R g_c(x), one R shared by every class and normalized *after* summing over classes —
             ``kind="trntk"`` gives proj-trNTK, ``kind="pntk", normalize=True`` proj-pNTK. Projected
             features of both sides are formed block by block (N·M·K floats) and multiplied.
+        memory_budget: bytes the call may use beyond its inputs, model and result; None (default): a
+            quarter of the memory available at the call on ``device`` (at least 512 MiB). Half bounds the
+            cached captures, half one block's working set; blocks are split (within ``batch_size``) and
+            layers kept factored to fit, said once by a :class:`~tangentlens.errors.MemoryBudgetWarning`.
 
     Returns:
         (N1, N2) tensor ((N1, N2, C, C) for ``"entk"``), or a dict of them with ``by_layer``.
 
     Cost: per block one forward and M backward passes (M = C for the trace kinds, 1 for pNTK and Grad-Cos);
     per pair of blocks and layer with one position 2·B1·B2·(d_in + M·d_out) flops. Memory: the result, plus
-    captures (≈ N2·Σ_layers(d_in + M·d_out) floats for an MLP) while they fit ``cache_bytes``.
+    captures (≈ N2·Σ_layers(d_in + M·d_out) floats for an MLP) while they fit ``cache_bytes``, plus one
+    block's working set within ``memory_budget``; the first block also runs a trial capture of up to 4
+    examples that measures the per-example memory and runs the first-block checks.
 
     Raises:
         UnknownKindError, InputError, ModelOutputError, ParameterSelectionError, NonFiniteError. Among the
@@ -525,7 +530,7 @@ def train_test_kernels(
 
     Args:
         model, kind, normalize, parameters, batch_size, device, dtype, probes, probe_seed, modules,
-            by_layer, cache_bytes, projection: as in :func:`kernel`.
+            by_layer, cache_bytes, projection, memory_budget: as in :func:`kernel`.
         train: the training examples (rows and columns of the first block, columns of the second).
         test: the examples to explain (rows of the second block).
         labels: labels of ``train`` for ``"gradcos"`` (or ``"predicted"``).
@@ -784,6 +789,9 @@ def features(
     offsets (parameters in ``named_parameters`` order), so the result equals projecting the concatenated
     gradient; ``kind="kronecker"`` projects Linear/Conv layers from their factors, (P_out δ)(P_in a)ᵀ summed
     over positions, never forming per-example gradients, and every other parameter with its flat fallback.
+
+    ``memory_budget`` (bytes; default a quarter of the memory available) bounds one block's working set,
+    materialized per-example gradients included: blocks are split within ``batch_size`` to fit it.
     """
     spec, norm, src, pred = _feature_setup(
         kind, inputs, batch_size, normalize, device, parameters, probes, probe_seed, labels, modules,
