@@ -318,13 +318,13 @@ class _Engine:
             if plan.fits < min(self.limit, blk.size):
                 what.append(
                     f"captures {plan.fits} examples at a time instead of batch_size={self.limit} "
-                    f"(≈ {plan.working / 2**20:.0f} MiB of working memory per example)"
+                    f"(≈ {_size(plan.working)} of working memory per example)"
                 )
             if plan.dropped:
                 what.append(f"keeps the factored form of {len(plan.dropped)} layers so that the captures "
                             "of all examples fit the cache")
             warnings.warn(
-                f"To stay within its memory budget of {self.budget.total / 2**30:.2f} GiB the call "
+                f"To stay within its memory budget of {_size(self.budget.total)} the call "
                 f"{' and '.join(what)}. Pass memory_budget= (bytes) to change the budget.",
                 MemoryBudgetWarning,
                 stacklevel=5,
@@ -335,6 +335,14 @@ class _Engine:
             self.acts.close()
         if self.grads is not None:
             self.grads.__exit__()
+
+
+def _size(n: float) -> str:
+    """Bytes as a short human figure: '3.2 MiB', '1.50 GiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def _validate_common(
