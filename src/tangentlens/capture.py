@@ -970,7 +970,9 @@ class GradientCapture:
         per_example = cache_pe()
         # saved activations and backward transients; captures and the temporaries that build them
         w = 2 * graph + 2 * per_example + sum(st[1] for st in stats)
-        g = max([st[3] for st in stats if id(st[0]) not in dense], default=0.0)
+        # Gram intermediates of factored layers (features form no Gram blocks)
+        pairs = [st[3] for st in stats if id(st[0]) not in dense] if materialize == "chosen" else []
+        g = max(pairs, default=0.0)
         block = _largest_block(w, g, work_budget, limit)
         fits = _largest_block(w, g, work_budget, limit, tile=False)
         for st in stats:
