@@ -85,6 +85,39 @@ def loss_grads(model: nn.Module, x, y: Tensor, names: list[str] | None = None) -
     return torch.stack(rows)
 
 
+def margin_grads(model: nn.Module, x, y: Tensor, names: list[str] | None = None) -> Tensor:
+    """Per-example gradients of TRAK's margin, float64, (N, P).
+
+    m = f_y − log Σ_{c≠y} exp f_c (written out with ``torch.logsumexp`` over the other logits); for one
+    logit m = f if y = 1 and −f if y = 0.
+    """
+    m, sel, x = _setup(model, x, names)
+    rows = []
+    for i in range(_n(x)):
+        out = _call(m, _row(x, i))[0]
+        yi = int(y[i])
+        if out.shape[0] == 1:
+            margin = out[0] if yi == 1 else -out[0]
+        else:
+            rest = torch.cat([out[:yi], out[yi + 1 :]])
+            margin = out[yi] - torch.logsumexp(rest, 0)
+        gs = torch.autograd.grad(margin, sel, allow_unused=True)
+        rows.append(_flat(gs, sel))
+    return torch.stack(rows)
+
+
+def margins(model: nn.Module, x, y: Tensor) -> Tensor:
+    """The margins m(x_i, y_i) themselves, float64, (N,)."""
+    m, _, x = _setup(model, x, None)
+    with torch.no_grad():
+        out = _call(m, x)
+    if out.shape[1] == 1:
+        return torch.where(y.reshape(-1) == 1, out[:, 0], -out[:, 0])
+    idx = y.long().reshape(-1, 1)
+    rest = out.scatter(1, idx, float("-inf"))
+    return out.gather(1, idx)[:, 0] - torch.logsumexp(rest, 1)
+
+
 def cosine(K: Tensor, d1: Tensor, d2: Tensor) -> Tensor:
     return K / torch.sqrt(d1[:, None] * d2[None, :])
 

@@ -369,7 +369,7 @@ def test_label_options_of_each_entry_point(mlp: nn.Module) -> None:
 def test_default_option_values_are_accepted_by_every_kind(mlp: nn.Module) -> None:
     defaults = dict(parameters=None, probes=None, probe_seed=0, modules=None, projection=None)
     for kind in tl.available_kinds():
-        labels = "predicted" if kind == "gradcos" else None
+        labels = "predicted" if kind in ("gradcos", "margin") else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tl.kernel(mlp, X, X[:2], kind=kind, labels=labels, other_labels=labels, **defaults)

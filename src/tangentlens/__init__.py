@@ -3,10 +3,12 @@
 Functional core: :func:`kernel`, :func:`train_test_kernels`, :func:`features`, :func:`iter_features`
 (and :class:`Projection` for the projected variants). Surrogates: :class:`KernelSurrogate` and its
 baselines. Faithfulness: :func:`faithfulness`, :func:`aggregate`. Explanations: :func:`explain`,
-:func:`most_similar`.
+:func:`most_similar`. Counterfactual attribution: :func:`attribute`, :func:`top_attributions`,
+:func:`kglm_contributions`.
 """
 
 from .api import available_kinds, features, iter_features, kernel, train_test_kernels
+from .attribution import TopAttributions, attribute, kglm_contributions, top_attributions
 from .errors import (
     DeviceError,
     InputError,
@@ -50,6 +52,10 @@ __all__ = [
     "format_mean_se",
     "explain",
     "most_similar",
+    "attribute",
+    "top_attributions",
+    "TopAttributions",
+    "kglm_contributions",
     "TangentLensError",
     "InputError",
     "ModelOutputError",

@@ -76,10 +76,11 @@ LabelSpec = Any  # tensor-like labels, or the string "predicted"
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_labels(y: Tensor | None, C: int) -> Tensor:
+def _check_labels(y: Tensor | None, C: int, kind: str = "gradcos") -> Tensor:
     if y is None:
+        what = "the margin" if kind == "margin" else "the loss"
         raise InputError(
-            "kind='gradcos' differentiates the loss and needs labels: pass labels=... (and other_labels=... "
+            f"kind={kind!r} differentiates {what} and needs labels: pass labels=... (and other_labels=... "
             "for `other`), (inputs, labels) pairs, or labels='predicted' to use the network's predictions."
         )
     y = y.reshape(-1)
@@ -102,17 +103,22 @@ def make_probe_fn(spec: KindSpec, probes: int | Tensor | None, seed: int, predic
     * sum (M = 1): ∇ Σ_c f_c / √C, so ⟨·,·⟩ = (1/C)⟨Σ_c g_c, Σ_c g_c⟩ (pseudo-NTK);
     * loss (M = 1): ∂L/∂f = softmax(f) − onehot(y) (sigmoid(f) − y for one logit), the chain rule's loss
       gradient ∇_θ L(x, y);
+    * margin (M = 1): ∂m/∂f of TRAK's margin m = f_y − logsumexp_{c≠y} f_c = log(p_y / (1 − p_y)):
+      U_y = 1, U_c = −softmax_{c≠y}(f)_c (the softmax over the other classes); for one logit
+      m = ±f (+ for y = 1, − for y = 0), U = 2y − 1, the same log-odds of the label;
     * ``probes=m`` (M = m, sketched trace): Rademacher vectors v_k / √m, Σ_k ⟨v_k J, v_k J'⟩ is unbiased
       for Tr(J J'ᵀ); a tensor (M, C) is used as given.
     """
 
     def fn(logits: Tensor, y: Tensor | None) -> Tensor:
         B, C = logits.shape
-        if spec.probes == "loss":
+        if spec.probes in ("loss", "margin"):
             if predicted:
                 yy = (logits[:, 0] > 0).to(logits.dtype) if C == 1 else logits.argmax(1)
             else:
-                yy = _check_labels(None if y is None else y.to(logits.device), C)
+                yy = _check_labels(None if y is None else y.to(logits.device), C, spec.name)
+            if spec.probes == "margin":
+                return _margin_probe(logits, yy)[:, None, :]
             if C == 1:
                 v = torch.sigmoid(logits) - yy.reshape(-1, 1).to(logits.dtype)
             else:
@@ -131,6 +137,18 @@ def make_probe_fn(spec: KindSpec, probes: int | Tensor | None, seed: int, predic
         return torch.eye(C, dtype=logits.dtype, device=logits.device)[None].expand(B, C, C)
 
     return fn
+
+
+def _margin_probe(logits: Tensor, y: Tensor) -> Tensor:
+    """(B, C) derivative of the margin m = f_y − logsumexp_{c≠y} f_c with respect to the logits f.
+
+    U_y = 1 and U_c = −exp(f_c) / Σ_{c'≠y} exp(f_c') for c ≠ y; with one logit U = 2y − 1 (m = ±f)."""
+    B, C = logits.shape
+    if C == 1:
+        return (2 * y.reshape(-1, 1) - 1).to(logits.dtype)
+    hot = torch.nn.functional.one_hot(y.long(), C).to(torch.bool)
+    others = torch.softmax(logits.detach().masked_fill(hot, float("-inf")), 1)
+    return hot.to(logits.dtype) - others
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,6 +294,7 @@ class _Engine:
         self.materialize = materialize
         self.n_cache = 0
         self.block: int | None = None  # examples per capture, planned on the first block
+        self._pending: tuple[Batch, BlockCapture] | None = None  # the first block, captured by the plan
         if spec.probes == "none":
             self.acts: ActivationCapture | None = ActivationCapture(model, spec.name, modules)
             self.grads: GradientCapture | None = None
@@ -288,6 +307,9 @@ class _Engine:
                                          keep_factors=materialize == "kronecker")
 
     def capture(self, x: Batch, y: Tensor | None) -> BlockCapture:
+        if self._pending is not None and self._pending[0] is x:  # captured whole by the planning trial
+            cap, self._pending = self._pending[1], None
+            return cap
         x = move_batch(x, self.device, self.dtype)
         if self.acts is not None:
             return self.acts.capture(x)
@@ -308,11 +330,14 @@ class _Engine:
         if self.grads is None:
             self.block = self.limit
             return
+        x = move_batch(blk.x, self.device, self.dtype)
         plan = self.grads.plan(
-            move_batch(blk.x, self.device, self.dtype), blk.y, limit=self.limit, n_cache=self.n_cache,
-            cache_budget=self.budget.cache, work_budget=self.budget.work, materialize=self.materialize,
+            x, blk.y, limit=self.limit, n_cache=self.n_cache, cache_budget=self.budget.cache,
+            work_budget=self.budget.work, materialize=self.materialize, trial=self._trial_size(x),
         )
         self.block = plan.block
+        if plan.capture is not None:
+            self._pending = (blk.x, plan.capture)
         if plan.fits < min(self.limit, blk.size) or plan.dropped:
             what = []
             if plan.fits < min(self.limit, blk.size):
@@ -330,11 +355,26 @@ class _Engine:
                 stacklevel=5,
             )
 
+    def _trial_size(self, x: Batch) -> int:
+        """Examples of the first block the planning capture takes: the whole block for a small call on a
+        small model (≤ 64 examples, ≤ 64 MiB of selected parameters, inputs far below the working budget),
+        whose capture then serves as the block's own; else 4."""
+        B = batch_size_of(x)
+        pbytes = sum(p.numel() * p.element_size() for p in self.params.values())
+        tensors = list(x.values()) if isinstance(x, dict) else [x]
+        xbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+        if B <= _WHOLE_TRIAL and pbytes <= 64 * 2**20 and 32 * xbytes <= self.budget.work:
+            return B
+        return 4
+
     def close(self) -> None:
         if self.acts is not None:
             self.acts.close()
         if self.grads is not None:
             self.grads.__exit__()
+
+
+_WHOLE_TRIAL = 64  # first blocks up to this size are planned from their own capture (no separate trial)
 
 
 def _size(n: float) -> str:
@@ -379,13 +419,14 @@ def _labels_mode(labels: LabelSpec) -> tuple[Any, bool]:
 
 
 def _check_gradcos_labels(
-    rows: Source, rows_predicted: bool, cols_predicted: bool, names: tuple[str, str]
+    rows: Source, rows_predicted: bool, cols_predicted: bool, names: tuple[str, str], warn: bool = True
 ) -> None:
     """Grad-Cos of a rows × columns block: true labels of the rows (the points a surrogate explains) leak
     into it — warned whenever the rows' source yields labels (a ``labels=`` tensor, an ``(x, y)`` pair, or
     a Dataset / DataLoader whose items carry labels); both sides must use the same label mode.
-    ``names``: the rows' and columns' label arguments."""
-    if not rows_predicted and rows.yields_labels:
+    ``names``: the rows' and columns' label arguments. ``warn=False`` (the margin kind, whose true test
+    labels define the attributed output rather than leak into a surrogate) only checks the modes."""
+    if warn and not rows_predicted and rows.yields_labels:
         warnings.warn(
             f"kind='gradcos' with true labels for the rows ({names[0]}) leaks them into a surrogate for "
             f"those points (the reference saw +5 pp accuracy). Use {names[0]}='predicted' and "
@@ -432,6 +473,11 @@ def kernel(
     * ``"gradcos"``: cosine of loss gradients ∇_θ L(x, y) (cross-entropy; binary cross-entropy for one
       logit). Needs labels for *both* sides — for test points that leaks their labels into a surrogate;
       ``labels="predicted"`` uses the network's own predictions instead.
+    * ``"margin"``: ⟨∇_θ m(x, y), ∇_θ m(x', y')⟩ of TRAK's margin m = f_y − logsumexp_{c≠y} f_c
+      = log(p_y / (1 − p_y)); for one logit m = f if y = 1 and −f if y = 0 (the same log-odds of the
+      label). Needs labels for both sides (true labels are the attribution target, not warned about;
+      both sides use true labels or both ``"predicted"``). Default unnormalized: it is the kernel of
+      :func:`tangentlens.attribute`.
     * ``"em"``: Σ_ℓ ⟨a_ℓ(x), a_ℓ(x')⟩ over flattened outputs of ``modules`` (default: every Linear, Conv and
       Embedding layer except the last Linear), cosine-normalized.
     * ``"ck"``: ⟨h(x), h(x')⟩ of the input of the last Linear layer (penultimate features), cosine-normalized.
@@ -451,7 +497,7 @@ def kernel(
         device: compute device (default: the model's). The result is returned on the CPU.
         dtype: compute dtype (default: the model's, typically float32; ``torch.float64`` for exactness).
             A differing device or dtype works on a copy of the model.
-        labels, other_labels: labels for ``gradcos`` (or ``"predicted"``).
+        labels, other_labels: labels for ``gradcos`` and ``margin`` (or ``"predicted"``).
         probes: sketched trace over outputs: m Rademacher probes (unbiased for trNTK⁰) or an (M, C) tensor.
         probe_seed: seed of the Rademacher probes.
         modules: modules for ``"em"``.
@@ -489,8 +535,8 @@ def kernel(
     lab1, pred1 = _labels_mode(labels)
     lab2, pred2 = _labels_mode(other_labels)
     src1 = Source(inputs, batch_size, lab1, "inputs")
-    if spec.name == "gradcos" and other is not None:
-        _check_gradcos_labels(src1, pred1, pred2, ("labels", "other_labels"))
+    if spec.needs_labels and other is not None:
+        _check_gradcos_labels(src1, pred1, pred2, ("labels", "other_labels"), warn=spec.name == "gradcos")
     if projection is not None:
         return _projected_kernel(
             model, inputs, other, spec=spec, norm=norm, parameters=parameters, batch_size=batch_size,
@@ -541,9 +587,10 @@ def train_test_kernels(
             by_layer, cache_bytes, projection, memory_budget: as in :func:`kernel`.
         train: the training examples (rows and columns of the first block, columns of the second).
         test: the examples to explain (rows of the second block).
-        labels: labels of ``train`` for ``"gradcos"`` (or ``"predicted"``).
+        labels: labels of ``train`` for ``"gradcos"`` and ``"margin"`` (or ``"predicted"``).
         test_labels: labels of ``test`` for ``"gradcos"``: the network's ``"predicted"`` labels for an
-            honest surrogate; true test labels leak into it (warned).
+            honest surrogate; true test labels leak into it (warned). For ``"margin"``: the labels whose
+            margins are attributed (true or ``"predicted"``, the same mode as ``labels``).
 
     Returns:
         ``(K_train_train, K_test_train)``: (N, N) and (T, N) (with the class axes for ``"entk"``), or two
@@ -566,8 +613,9 @@ def train_test_kernels(
     lab_tr, pred_tr = _labels_mode(labels)
     lab_te, pred_te = _labels_mode(test_labels)
     src_te = Source(test, batch_size, lab_te, "test")
-    if spec.name == "gradcos":
-        _check_gradcos_labels(src_te, pred_te, pred_tr, ("test_labels", "labels"))
+    if spec.needs_labels:
+        _check_gradcos_labels(src_te, pred_te, pred_tr, ("test_labels", "labels"),
+                              warn=spec.name == "gradcos")
     if projection is not None:
         if by_layer:
             raise InputError("by_layer=True is not available with a projection (features mix the layers).")
@@ -785,6 +833,7 @@ def features(
       (N, M·P), probe-major, parameters in ``named_parameters`` order;
     * ``"entk"``: J(x), shape (N, C, P);
     * ``"pntk"``: Σ_c g_c(x)/√C, shape (N, P); ``"gradcos"``: ∇_θ L(x, y), shape (N, P);
+    * ``"margin"``: ∇_θ m(x, y) of the margin m = f_y − logsumexp_{c≠y} f_c (±f for one logit), (N, P);
     * ``"em"``, ``"ck"``: the concatenated flattened activations.
 
     ``normalize`` (default: the kind's) scales each row to unit norm, so that inner products of normalized

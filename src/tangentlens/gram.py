@@ -31,9 +31,9 @@ OPTION_GROUPS: dict[str, str] = {
     "projection": "gradient kernels",
     "probes": "the trace kinds",
     "probe_seed": "the trace kinds (with probes=)",
-    "labels": "the loss-gradient kind",
-    "other_labels": "the loss-gradient kind",
-    "test_labels": "the loss-gradient kind",
+    "labels": "the label kinds",
+    "other_labels": "the label kinds",
+    "test_labels": "the label kinds",
     "modules": "the embedding kind",
 }
 
@@ -45,10 +45,11 @@ class KindSpec:
     Attributes:
         name: the kind's name.
         probes: "onehot" (the C logits: trace / full eNTK), "sum" (Σ_c f_c / √C: pseudo-NTK),
-            "loss" (∂L/∂f: loss gradient), or "none" (forward-only kinds).
+            "loss" (∂L/∂f: loss gradient), "margin" (∂m/∂f of TRAK's margin m = f_y − logsumexp_{c≠y} f_c),
+            or "none" (forward-only kinds).
         full: keep every probe pair (the C×C eNTK blocks) instead of the trace over matching probes.
         normalize: default of the block-aware cosine normalization.
-        needs_labels: labels are required (loss gradients).
+        needs_labels: labels are required (loss gradients, margins).
         options: the kind-specific options (keys of ``OPTION_DEFAULTS``) this kind accepts; passing any
             other of them with a non-default value is an error (:func:`check_options`).
     """
@@ -68,6 +69,9 @@ KINDS: dict[str, KindSpec] = {
     "pntk": KindSpec("pntk", "sum", False, False, options=TRACE_OPTIONS),
     "gradcos": KindSpec("gradcos", "loss", False, True, needs_labels=True,
                         options=GRADIENT_OPTIONS | LABEL_OPTIONS),
+    # margin gradients (TRAK's output function; counterfactual attribution uses the raw kernel)
+    "margin": KindSpec("margin", "margin", False, False, needs_labels=True,
+                       options=GRADIENT_OPTIONS | LABEL_OPTIONS),
     "em": KindSpec("em", "none", False, True, options=frozenset({"modules"})),
     "ck": KindSpec("ck", "none", False, True),
 }

@@ -1,0 +1,367 @@
+r"""Counterfactual data attribution from the exact margin kernel (TRAK's estimator, in kernel form).
+
+The question answered here is counterfactual: *if training point z_i were removed and the network
+retrained, how would the margin of a test target x change?* TRAK (Park et al., 2023) estimates it as
+
+.. math:: \tau(x, z_i) = \phi(x)^\top (\Phi^\top\Phi + \lambda I)^{-1} \phi(z_i)\, q_i,
+
+with φ = ∇_θ m the gradient of the margin m(x, y) = f_y(x) − log Σ_{c≠y} exp f_c(x) = log(p_y/(1 − p_y)),
+Φ the N training rows and q_i = 1 − p_{y_i}(x_i). TRAK approximates φ with a random projection; by the
+push-through (Woodbury) identity the same quantity is
+
+.. math:: \tau(x, \cdot) = k(x, X)\,(K + \lambda I)^{-1} \operatorname{diag}(q),
+
+with K the N×N ``kind="margin"`` kernel of the training points and k(x, X) its test × train block —
+exact, and with no P×P matrix. A positive τ(x, z_i) means z_i raises the target's margin (removing it
+would lower it): a *proponent*; a negative one is an *opponent*.
+
+This is a different explanation from the kGLM decomposition (:meth:`KernelSurrogate.contributions`,
+:func:`tangentlens.explain`): that one says what the surrogate's prediction *consists of*; attribution
+says how the prediction would *change* if training points were removed. :func:`kglm_contributions`
+returns the former in the same (n_test, N) layout, so both can be compared on one prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+from torch import Tensor, nn
+
+from .api import DEFAULT_MEMORY_BUDGET, _check_labels, features, train_test_kernels
+from .errors import InputError, NonFiniteError
+from .inputs import Source, move_batch
+from .model import ParameterSpec, call_model, extract_logits, prepared
+from .sketch import Projection
+
+__all__ = ["DEFAULT_LAM_SCALE", "TopAttributions", "attribute", "kglm_contributions", "top_attributions"]
+
+DEFAULT_LAM_SCALE: float = 0.1
+"""Default ridge λ = ``DEFAULT_LAM_SCALE`` · tr(K)/N (relative to the kernel's scale)."""
+
+
+def attribute(
+    model: nn.Module | Sequence[nn.Module],
+    train: Any,
+    test: Any,
+    *,
+    labels: Any = None,
+    test_labels: Any = None,
+    lam: float | None = None,
+    projection: Projection | None = None,
+    parameters: ParameterSpec = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    r"""Counterfactual attribution scores τ(x, z_i) of every test target to every training point.
+
+    Exact (default): τ = k(x, X)(K + λI)⁻¹ diag(q), with K (N×N) and k(x, X) (T×N) the margin kernels
+    (``kind="margin"``, unnormalized) of ONE :func:`tangentlens.train_test_kernels` call, q_i =
+    1 − p_{y_i}(x_i) (softmax probability of the label; sigmoid for one logit) and a Cholesky solve in
+    float64. This is TRAK's estimator φ(x)ᵀ(ΦᵀΦ + λI)⁻¹φ(z_i)q_i evaluated without projection error.
+
+    With ``projection=`` R (a :class:`tangentlens.Projection`, D dimensions): the projected margin features
+    Φ = features (N×D) and φ(x) (T×D) in the primal form τ = φ(x)ᵀ(ΦᵀΦ + λI_D)⁻¹Φᵀ diag(q) — TRAK's own
+    computation, for N too large for an N×N kernel. It converges to the exact scores as D grows.
+
+    ``model`` may be a list of models (checkpoints of one run, or independently trained networks): each
+    gets its own kernels, q and default λ, and the scores are averaged (TRAK's ensembling).
+
+    The default ridge is λ = 0.1·tr(K)/N (0.1 × the mean squared margin-gradient norm), relative to the
+    kernel's scale so it does not depend on the network's parametrization. The factor 0.1 was chosen on
+    our own small settings (an image MLP; scikit-learn digits with a small MLP), not tuned per benchmark;
+    pass ``lam=`` to override it (smaller λ: closer to the unregularized influence, noisier).
+
+    Args:
+        model: a network returning logits (B, C), or a non-empty list of them (scores averaged).
+        train: the N training examples (any input form of :func:`tangentlens.kernel`).
+        test: the T targets to attribute.
+        labels: labels of ``train`` (N,); ``None`` takes them from ``(x, y)`` pairs / labelled datasets;
+            ``"predicted"`` uses the network's predictions (the ensemble's mean-probability argmax).
+        test_labels: labels whose margins are attributed (T,): the targets' true labels as in TRAK, or
+            ``"predicted"`` (the prediction's own margin); ``None`` takes them from ``test``.
+        lam: ridge λ > 0; ``None``: 0.1·tr(K)/N per model (tr(ΦᵀΦ)/N with a projection).
+        projection: project the margin gradients and use the primal D×D form.
+        parameters, batch_size, device, dtype, memory_budget: as in :func:`tangentlens.kernel`
+            (``dtype=torch.float64`` for exact kernels; the solve is float64 either way).
+
+    Returns:
+        (T, N) float64 tensor on the CPU; entry (n, i) predicts how much training point i raises the
+        margin of target n (positive: proponent, negative: opponent).
+
+    Cost: per model one forward pass over ``train`` (for q; over ``test`` too with
+    ``test_labels="predicted"``) plus one margin-kernel call (one forward and one backward per example,
+    Gram work N²/2 + T·N pairs); then a Cholesky factorization N³/3 and a solve T·N² flops; memory
+    2 N² floats (the kernel and its float64 factor). With a projection: features N·D + T·D, then
+    N·D² + D³/3 + T·N·D flops and D² + (N + T)·D floats.
+
+    Raises:
+        InputError: an empty model list or a non-module in it; missing labels (name the argument);
+            labels of the wrong length or range; ``lam`` not a positive finite number; a zero margin
+            kernel (nothing to attribute); a ``projection`` that is not a Projection.
+        NonFiniteError: non-finite logits or kernels.
+    """
+    models = _models(model)
+    lam = _check_lam(lam)
+    if projection is not None and not isinstance(projection, Projection):
+        raise InputError(f"projection must be a tangentlens.Projection; got {type(projection).__name__}.")
+    src_tr = Source(train, batch_size, None if _is_predicted(labels) else labels, "train")
+    src_te = Source(test, batch_size, None if _is_predicted(test_labels) else test_labels, "test")
+    kw: dict[str, Any] = dict(device=device, dtype=dtype)
+    logits_tr, y_src_tr = zip(*(_logits(m, src_tr, **kw) for m in models))
+    y_tr = _resolve_labels(labels, logits_tr, y_src_tr[0], "labels", "train")
+    if _is_predicted(test_labels):
+        logits_te = [_logits(m, src_te, **kw)[0] for m in models]
+        y_te = _resolve_labels(test_labels, logits_te, None, "test_labels", "test")
+    else:
+        from_src = _source_labels(src_te) if test_labels is None else None
+        y_te = _resolve_labels(test_labels, [], from_src, "test_labels", "test")
+    total: Tensor | None = None
+    common: dict[str, Any] = dict(parameters=parameters, batch_size=batch_size, device=device, dtype=dtype,
+                                  memory_budget=memory_budget)
+    for m, z in zip(models, logits_tr):
+        q = _q(z, y_tr)
+        if projection is None:
+            K, Kt = train_test_kernels(m, train, test, kind="margin", normalize=False, labels=y_tr,
+                                       test_labels=y_te, **common)
+            s = _solve_dual(K.double(), Kt.double(), q, lam)  # type: ignore[union-attr]
+        else:
+            F = features(m, train, kind="margin", normalize=False, labels=y_tr, projection=projection,
+                         **common)
+            Ft = features(m, test, kind="margin", normalize=False, labels=y_te, projection=projection,
+                          **common)
+            s = _solve_primal(F.double(), Ft.double(), q, lam)
+        total = s if total is None else total + s
+    assert total is not None
+    return total / len(models)
+
+
+def _models(model: Any) -> list[nn.Module]:
+    if isinstance(model, nn.Module):
+        return [model]
+    if isinstance(model, (str, bytes)) or not isinstance(model, Sequence):
+        raise InputError(f"model must be an nn.Module or a list of them; got {type(model).__name__}.")
+    models = list(model)
+    if not models:
+        raise InputError("model is an empty list; pass at least one trained network.")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise InputError(f"model[{i}] is a {type(m).__name__}, not an nn.Module.")
+    return models
+
+
+def _check_lam(lam: Any) -> float | None:
+    if lam is None:
+        return None
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
+        raise InputError(f"lam must be a positive finite number (the ridge λ); got {lam!r}.")
+    return float(lam)
+
+
+def _is_predicted(labels: Any) -> bool:
+    if isinstance(labels, str):
+        if labels != "predicted":
+            raise InputError(f"labels must be a tensor of class indices or 'predicted'; got {labels!r}.")
+        return True
+    return False
+
+
+def _source_labels(src: Source) -> Tensor | None:
+    ys = [b.y for b in src.blocks()] if src.yields_labels else []
+    if not ys or any(y is None for y in ys):
+        return None
+    return torch.cat([torch.as_tensor(y).reshape(-1) for y in ys])  # type: ignore[misc]
+
+
+def _logits(model: nn.Module, src: Source, *, device: Any, dtype: torch.dtype | None
+            ) -> tuple[Tensor, Tensor | None]:
+    """The network's logits (N, C) (float64, CPU) over ``src`` in eval mode, and the source's labels."""
+    zs: list[Tensor] = []
+    ys: list[Tensor | None] = []
+    with prepared(model, device=device, dtype=dtype) as (work, dev, dt), torch.no_grad():
+        for blk in src.blocks():
+            x = move_batch(blk.x, dev, dt)
+            zs.append(extract_logits(call_model(work, x), blk.size).double().cpu())
+            ys.append(blk.y)
+    z = torch.cat(zs)
+    if not torch.isfinite(z).all():
+        raise NonFiniteError(f"NaN or infinite logits on {src.name}.")
+    y = None if any(t is None for t in ys) else torch.cat([torch.as_tensor(t).reshape(-1) for t in ys])
+    return z, y
+
+
+def _resolve_labels(labels: Any, logits: Sequence[Tensor], from_src: Tensor | None, arg: str, name: str
+                    ) -> Tensor:
+    """Labels as a long (or 0/1) tensor: the ensemble's predictions, the given ones, or the source's."""
+    if _is_predicted(labels):
+        z = logits[0]
+        if z.shape[1] == 1:
+            p = torch.stack([torch.sigmoid(t[:, 0]) for t in logits]).mean(0)
+            return (p > 0.5).long()
+        return torch.stack([torch.softmax(t, 1) for t in logits]).mean(0).argmax(1)
+    y = from_src if labels is None else torch.as_tensor(labels)
+    if y is None:
+        raise InputError(
+            f"attribute needs the labels of {name}: pass {arg}=... (one class index per example), "
+            f"(inputs, labels) pairs as {name}, or {arg}='predicted' to use the network's predictions."
+        )
+    return y.reshape(-1)
+
+
+def _q(z: Tensor, y: Tensor) -> Tensor:
+    """q_i = 1 − p_{y_i}(x_i) (N,) float64 from logits (N, C); sigmoid for one logit."""
+    C = z.shape[1]
+    y = _check_labels(y, C, "margin")
+    if C == 1:
+        sign = 2 * y.to(z.dtype) - 1
+        return torch.sigmoid(-sign * z[:, 0])
+    return 1 - torch.softmax(z, 1).gather(1, y.long().reshape(-1, 1))[:, 0]
+
+
+def _default_lam(trace: float, n: int) -> float:
+    lam = DEFAULT_LAM_SCALE * trace / n
+    if not lam > 0:
+        raise InputError(
+            "The margin kernel of the training points is zero (no parameter gradient reaches the margins); "
+            "check parameters= or pass lam= explicitly."
+        )
+    return lam
+
+
+def _cholesky(A: Tensor, lam: float) -> Tensor:
+    A = A.clone()
+    A.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        raise InputError(f"K + λI is not numerically positive definite for λ = {lam:.3g}; pass a larger "
+                         "lam=.")
+    return L
+
+
+def _solve_dual(K: Tensor, Kt: Tensor, q: Tensor, lam: float | None) -> Tensor:
+    """k(x, X)(K + λI)⁻¹ diag(q): (T, N)."""
+    if not (torch.isfinite(K).all() and torch.isfinite(Kt).all()):
+        raise NonFiniteError("NaN or infinite margin kernel values.")
+    lam = _default_lam(float(K.diagonal().sum()), K.shape[0]) if lam is None else lam
+    L = _cholesky(K, lam)
+    return torch.cholesky_solve(Kt.T.contiguous(), L).T * q[None, :]
+
+
+def _solve_primal(F: Tensor, Ft: Tensor, q: Tensor, lam: float | None) -> Tensor:
+    """φ(x)ᵀ(ΦᵀΦ + λI)⁻¹Φᵀ diag(q): (T, N), with Φ = F (N, D) and φ = Ft (T, D)."""
+    if not (torch.isfinite(F).all() and torch.isfinite(Ft).all()):
+        raise NonFiniteError("NaN or infinite projected margin features.")
+    lam = _default_lam(float((F * F).sum()), F.shape[0]) if lam is None else lam
+    L = _cholesky(F.T @ F, lam)
+    return (F @ torch.cholesky_solve(Ft.T.contiguous(), L)).T * q[None, :]
+
+
+@dataclass(frozen=True)
+class TopAttributions:
+    """The k most positive (proponents) and most negative (opponents) scores of each test target.
+
+    Attributes:
+        proponents: (T, k) training indices of the largest scores, largest first.
+        proponent_scores: (T, k) their scores.
+        opponents: (T, k) training indices of the smallest (most negative) scores, most negative first.
+        opponent_scores: (T, k) their scores.
+
+    With fewer than k positive (negative) scores the lists continue with the next ones in order, so
+    check the sign of the scores before calling a point a proponent (opponent).
+    """
+
+    proponents: Tensor
+    proponent_scores: Tensor
+    opponents: Tensor
+    opponent_scores: Tensor
+
+    def to_dict(self) -> dict[str, list[list[Any]]]:
+        """Plain-python dict of lists (one list per target)."""
+        return {
+            "proponents": self.proponents.tolist(),
+            "proponent_scores": self.proponent_scores.tolist(),
+            "opponents": self.opponents.tolist(),
+            "opponent_scores": self.opponent_scores.tolist(),
+        }
+
+
+def top_attributions(scores: Tensor | ArrayLike, k: int = 10) -> TopAttributions:
+    """Top-k proponents and opponents per test target of a (T, N) score matrix.
+
+    Works on :func:`attribute`'s scores and on :func:`kglm_contributions` alike (a (N,) vector is one
+    target). Cost: two top-k selections, O(T·N).
+
+    Args:
+        scores: (T, N) or (N,) scores.
+        k: how many of each; capped at N.
+
+    Raises:
+        InputError: ``k`` is not a positive integer, or ``scores`` is not 1-D/2-D, empty or non-finite.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be a positive integer; got {k!r}.")
+    S = torch.as_tensor(np.asarray(scores) if not isinstance(scores, Tensor) else scores)
+    if S.dim() == 1:
+        S = S[None]
+    if S.dim() != 2 or S.shape[1] == 0:
+        raise InputError(f"scores must have shape (n_test, N) with N ≥ 1; got {tuple(S.shape)}.")
+    if not torch.isfinite(S).all():
+        raise InputError("scores contain NaN or infinite values.")
+    kk = min(int(k), S.shape[1])
+    top = torch.topk(S, kk, dim=1)
+    low = torch.topk(S, kk, dim=1, largest=False)
+    return TopAttributions(top.indices, top.values, low.indices, low.values)
+
+
+def kglm_contributions(surrogate: Any, K_test_train: ArrayLike, target: ArrayLike | None = None,
+                       *, chunk: int = 256) -> Tensor:
+    """The kGLM decomposition of one class's logit per test point, in :func:`attribute`'s layout.
+
+    For a fitted :class:`tangentlens.KernelSurrogate` (weights W, C×N) and the kernel block
+    K(test, train) it fits on (e.g. ``kind="trntk"``), entry (n, i) is A_{c_n, i}(x_n) = W[c_n, i]·K[n, i]
+    (``surrogate.contributions``), so row n sums to z_{c_n}(x_n) − b_{c_n}. Side by side with
+    :func:`attribute`'s scores for the same targets (e.g. through :func:`top_attributions`) this compares
+    *what the surrogate's prediction consists of* with *how the prediction would change if training
+    points were removed*. Cost: T·N multiplications (rows processed ``chunk`` at a time).
+
+    Args:
+        surrogate: a fitted kernel surrogate with ``contributions`` and ``classes_``.
+        K_test_train: (T, N) kernel block.
+        target: (T,) class labels (values of ``surrogate.classes_``) to explain, e.g. the test labels
+            used with :func:`attribute`; ``None``: the surrogate's predicted classes.
+        chunk: test rows per block of the (chunk, C, N) contributions.
+
+    Returns:
+        (T, N) float64 tensor.
+
+    Raises:
+        InputError: ``target`` has the wrong length or a label the surrogate does not know.
+    """
+    K = np.asarray(K_test_train, dtype=np.float64)
+    if K.ndim != 2:
+        raise InputError(f"K_test_train must be a 2-D (n_test, N) kernel block; got shape {K.shape}.")
+    classes = list(np.asarray(surrogate.classes_).tolist())
+    if target is None:
+        idx = np.argmax(surrogate.logits(K), axis=1)
+    else:
+        t = np.asarray(target).reshape(-1)
+        if t.shape[0] != K.shape[0]:
+            raise InputError(f"target has {t.shape[0]} entries but K_test_train has {K.shape[0]} rows.")
+        pos = {c: i for i, c in enumerate(classes)}
+        missing = [v for v in t.tolist() if v not in pos]
+        if missing:
+            raise InputError(f"target labels {sorted(set(missing))[:5]} are not among the surrogate's "
+                             f"classes {classes}.")
+        idx = np.array([pos[v] for v in t.tolist()], dtype=np.int64)
+    out = np.empty_like(K)
+    for s in range(0, K.shape[0], max(int(chunk), 1)):
+        A = surrogate.contributions(K[s : s + chunk])
+        out[s : s + chunk] = A[np.arange(A.shape[0]), idx[s : s + chunk]]
+    return torch.from_numpy(out)

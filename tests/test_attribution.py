@@ -1,0 +1,277 @@
+"""The margin kernel against an explicit autograd oracle; counterfactual attribution (TRAK, kernel form)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tangentlens as tl
+from tangentlens.errors import UnsupportedLayerWarning
+
+from .models import ARCHS, data, mlp
+from .oracles import margin_grads
+
+ARCH_NAMES = list(ARCHS)
+
+
+@functools.cache
+def model_of(arch: str, C: int = 3) -> nn.Module:
+    return ARCHS[arch](C=C)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def quiet(fn, *a, **k):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsupportedLayerWarning)
+        return fn(*a, **k)
+
+
+# ---------------------------------------------------------------------------------------------
+# the margin kind
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_margin_kernel_matches_oracle(arch: str) -> None:
+    m = model_of(arch)
+    x1, x2 = data(arch, 7, 0), data(arch, 5, 1)
+    y1, y2 = torch.arange(7) % 3, (torch.arange(5) + 1) % 3
+    G1, G2 = margin_grads(m, x1, y1), margin_grads(m, x2, y2)
+    # symmetric, cross, train/test and features, all in float64 against the oracle
+    K = quiet(tl.kernel, m, x1, kind="margin", labels=y1, dtype=torch.float64, batch_size=3)
+    assert rel(K, G1 @ G1.T) <= 1e-6
+    Kx = quiet(tl.kernel, m, x1, x2, kind="margin", labels=y1, other_labels=y2, dtype=torch.float64,
+               batch_size=3)
+    assert rel(Kx, G1 @ G2.T) <= 1e-6
+    K_tr, K_te = quiet(tl.train_test_kernels, m, (x1, y1), (x2, y2), kind="margin", dtype=torch.float64,
+                       batch_size=3)
+    assert rel(K_tr, G1 @ G1.T) <= 1e-6 and rel(K_te, G2 @ G1.T) <= 1e-6
+    F = quiet(tl.features, m, x1, kind="margin", labels=y1, dtype=torch.float64)
+    assert F.shape == G1.shape and rel(F, G1) <= 1e-6
+    # float32 close as well; unnormalized by default
+    K32 = quiet(tl.kernel, m, x1, kind="margin", labels=y1)
+    assert K32.dtype == torch.float32 and rel(K32, G1 @ G1.T) <= 1e-4
+
+
+def test_margin_one_logit_and_predicted_labels() -> None:
+    m = mlp(C=1)
+    x = data("mlp", 6, 0)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    G = margin_grads(m, x, y)
+    K = tl.kernel(m, x, kind="margin", labels=y, dtype=torch.float64)
+    assert rel(K, G @ G.T) <= 1e-6
+    # for one logit the margin is ±f: its gradient is ±∇f, so the kernel is sign-flipped trNTK0
+    s = (2 * y - 1).double()
+    J = tl.kernel(m, x, kind="trntk0", dtype=torch.float64)
+    torch.testing.assert_close(K, s[:, None] * J * s[None, :])
+    # labels="predicted" is the margin of the network's own prediction
+    m3 = model_of("mlp")
+    with torch.no_grad():
+        pred = m3(x).argmax(1)
+    Kp = tl.kernel(m3, x, kind="margin", labels="predicted", dtype=torch.float64)
+    Gp = margin_grads(m3, x, pred)
+    assert rel(Kp, Gp @ Gp.T) <= 1e-6
+
+
+def test_margin_options_and_labels() -> None:
+    m = model_of("mlp")
+    x = data("mlp", 5, 0)
+    with pytest.raises(tl.InputError, match="kind='margin' differentiates the margin and needs labels"):
+        tl.kernel(m, x, kind="margin")
+    with pytest.raises(tl.InputError, match="probes= applies only to"):
+        tl.kernel(m, x, kind="margin", labels=torch.zeros(5), probes=4)
+    with pytest.raises(tl.InputError, match="predicted"):
+        tl.kernel(m, x, x, kind="margin", labels=torch.zeros(5), other_labels="predicted")
+    with pytest.raises(tl.InputError, match="lie in"):
+        tl.kernel(m, x, kind="margin", labels=torch.full((5,), 3))
+    # true labels on both sides are the attribution's target: no leakage warning (unlike gradcos)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tl.kernel(m, x, x, kind="margin", labels=torch.zeros(5), other_labels=torch.ones(5))
+    # projected margin features: R applied to the gradient
+    y = torch.arange(5) % 3
+    P = tl.Projection(32, seed=1)
+    Fp = tl.features(m, x, kind="margin", labels=y, projection=P, dtype=torch.float64)
+    Kp = tl.kernel(m, x, kind="margin", labels=y, projection=P, dtype=torch.float64)
+    assert Fp.shape == (5, 32)
+    torch.testing.assert_close(Kp, Fp @ Fp.T)
+
+
+# ---------------------------------------------------------------------------------------------
+# attribute
+# ---------------------------------------------------------------------------------------------
+
+
+def _probs(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(m.double()(x.double()), 1)
+
+
+def explicit_scores(m: nn.Module, x_tr, y_tr, x_te, y_te, lam: float | None = None) -> torch.Tensor:
+    """TRAK's primal formula with exact gradients: φ(x)ᵀ(ΦᵀΦ + λI)⁻¹Φᵀ diag(q), P×P in float64."""
+    Phi, phi = margin_grads(m, x_tr, y_tr), margin_grads(m, x_te, y_te)
+    N, P = Phi.shape
+    lam = 0.1 * float((Phi * Phi).sum()) / N if lam is None else lam
+    q = 1 - _probs(mlp_copy(m), x_tr)[torch.arange(N), y_tr]
+    H = Phi.T @ Phi + lam * torch.eye(P, dtype=torch.float64)
+    return phi @ torch.linalg.solve(H, Phi.T) * q[None, :]
+
+
+def mlp_copy(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m).eval()
+
+
+def train_test(arch: str = "mlp", n: int = 12, t: int = 4):
+    return data(arch, n, 0), torch.arange(n) % 3, data(arch, t, 1), (torch.arange(t) + 2) % 3
+
+
+def test_attribute_equals_explicit_primal_computation() -> None:
+    m = model_of("mlp")
+    x_tr, y_tr, x_te, y_te = train_test()
+    ref = explicit_scores(m, x_tr, y_tr, x_te, y_te)
+    s = tl.attribute(m, x_tr, x_te, labels=y_tr, test_labels=y_te, dtype=torch.float64, batch_size=5)
+    assert s.shape == (4, 12) and s.dtype == torch.float64
+    assert rel(s, ref) <= 1e-6
+    # (x, y) pairs carry the labels; an explicit lam is used as given
+    s2 = tl.attribute(m, (x_tr, y_tr), (x_te, y_te), lam=0.37, dtype=torch.float64)
+    assert rel(s2, explicit_scores(m, x_tr, y_tr, x_te, y_te, lam=0.37)) <= 1e-6
+    # float32 kernels, float64 solve: close
+    assert rel(tl.attribute(m, x_tr, x_te, labels=y_tr, test_labels=y_te), ref) <= 1e-3
+    # predicted test labels: the margin of the prediction
+    pred = _probs(mlp_copy(m), x_te).argmax(1)
+    sp = tl.attribute(m, x_tr, x_te, labels=y_tr, test_labels="predicted", dtype=torch.float64)
+    assert rel(sp, explicit_scores(m, x_tr, y_tr, x_te, pred)) <= 1e-6
+
+
+def test_attribute_cnn_matches_explicit() -> None:
+    m = model_of("cnn")
+    x_tr, y_tr, x_te, y_te = train_test("cnn", 8, 3)
+    ref = explicit_scores(m, x_tr, y_tr, x_te, y_te)
+    s = quiet(tl.attribute, m, x_tr, x_te, labels=y_tr, test_labels=y_te, dtype=torch.float64)
+    assert rel(s, ref) <= 1e-6
+
+
+def test_attribute_one_logit() -> None:
+    m = mlp(C=1)
+    x_tr, x_te = data("mlp", 10, 0), data("mlp", 3, 1)
+    y_tr, y_te = torch.arange(10) % 2, torch.tensor([1, 0, 1])
+    Phi, phi = margin_grads(m, x_tr, y_tr), margin_grads(m, x_te, y_te)
+    lam = 0.1 * float((Phi * Phi).sum()) / 10
+    with torch.no_grad():
+        z = m.double()(x_tr.double())[:, 0]
+    q = torch.sigmoid(-(2 * y_tr.double() - 1) * z)  # 1 − p(y)
+    ref = phi @ torch.linalg.solve(Phi.T @ Phi + lam * torch.eye(Phi.shape[1], dtype=torch.float64),
+                                   Phi.T) * q[None, :]
+    s = tl.attribute(m, x_tr, x_te, labels=y_tr, test_labels=y_te, dtype=torch.float64)
+    assert rel(s, ref) <= 1e-6
+
+
+def test_ensemble_averages_single_model_scores() -> None:
+    x_tr, y_tr, x_te, y_te = train_test()
+    m1 = mlp()
+    torch.manual_seed(5)
+    m2 = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 7), nn.Tanh(), nn.Linear(7, 3))
+    kw = dict(labels=y_tr, test_labels=y_te, dtype=torch.float64)
+    s1, s2 = tl.attribute(m1, x_tr, x_te, **kw), tl.attribute(m2, x_tr, x_te, **kw)
+    s12 = tl.attribute([m1, m2], x_tr, x_te, **kw)
+    torch.testing.assert_close(s12, (s1 + s2) / 2)
+    assert rel(s1, s2) > 0.1  # the two members do differ
+
+
+def test_projected_attribution_converges_to_exact() -> None:
+    m = model_of("mlp")
+    x_tr, y_tr, x_te, y_te = train_test(n=30, t=6)
+    kw = dict(labels=y_tr, test_labels=y_te, dtype=torch.float64)
+    G = margin_grads(m, x_tr, y_tr)
+    lam = 0.1 * float((G * G).sum()) / 30  # the exact default λ, so that only the projection differs
+    exact = tl.attribute(m, x_tr, x_te, lam=lam, **kw)
+    errs = []
+    for dim in (64, 512, 4096):
+        errs.append(np.mean([rel(tl.attribute(m, x_tr, x_te, lam=lam, projection=tl.Projection(dim, seed=s),
+                                              **kw), exact) for s in range(3)]))
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 0.25 * errs[0] and errs[2] < 0.1
+    # the default λ of the projected form (tr(ΦᵀΦ)/N, an estimate of tr(K)/N) converges too
+    d = tl.attribute(m, x_tr, x_te, projection=tl.Projection(4096, seed=0), **kw)
+    assert rel(d, exact) < 0.1
+
+
+def test_attribute_bad_inputs() -> None:
+    m = model_of("mlp")
+    x_tr, y_tr, x_te, y_te = train_test()
+    with pytest.raises(tl.InputError, match="empty list"):
+        tl.attribute([], x_tr, x_te, labels=y_tr, test_labels=y_te)
+    with pytest.raises(tl.InputError, match=r"model\[1\]"):
+        tl.attribute([m, "not a model"], x_tr, x_te, labels=y_tr, test_labels=y_te)
+    with pytest.raises(tl.InputError, match="labels of train"):
+        tl.attribute(m, x_tr, x_te, test_labels=y_te)
+    with pytest.raises(tl.InputError, match="test_labels="):
+        tl.attribute(m, x_tr, x_te, labels=y_tr)
+    with pytest.raises(tl.InputError, match="entries but the data has"):
+        tl.attribute(m, x_tr, x_te, labels=y_tr[:5], test_labels=y_te)
+    with pytest.raises(tl.InputError, match="entries but the data has"):
+        tl.attribute(m, x_tr, x_te, labels=y_tr, test_labels=y_te[:2])
+    for lam in (0, -1.0, float("nan"), float("inf"), True, "big"):
+        with pytest.raises(tl.InputError, match="lam must be"):
+            tl.attribute(m, x_tr, x_te, labels=y_tr, test_labels=y_te, lam=lam)
+    with pytest.raises(tl.InputError, match="lie in"):
+        tl.attribute(m, x_tr, x_te, labels=y_tr + 5, test_labels=y_te)
+    with pytest.raises(tl.InputError, match="'predicted'"):
+        tl.attribute(m, x_tr, x_te, labels="true", test_labels=y_te)
+    with pytest.raises(tl.InputError, match="Projection"):
+        tl.attribute(m, x_tr, x_te, labels=y_tr, test_labels=y_te, projection=64)
+
+
+# ---------------------------------------------------------------------------------------------
+# top-k and the kGLM decomposition side by side
+# ---------------------------------------------------------------------------------------------
+
+
+def test_top_attributions() -> None:
+    S = torch.tensor([[0.5, -2.0, 1.5, 0.0], [-1.0, 3.0, 2.0, -0.5]])
+    top = tl.top_attributions(S, k=2)
+    assert top.proponents.tolist() == [[2, 0], [1, 2]]
+    assert top.proponent_scores.tolist() == [[1.5, 0.5], [3.0, 2.0]]
+    assert top.opponents.tolist() == [[1, 3], [0, 3]]
+    assert top.opponent_scores.tolist() == [[-2.0, 0.0], [-1.0, -0.5]]
+    assert tl.top_attributions(S[0].numpy(), k=10).proponents.shape == (1, 4)  # capped at N
+    assert top.to_dict()["proponents"] == [[2, 0], [1, 2]]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(tl.InputError, match="positive integer"):
+            tl.top_attributions(S, k=bad)
+    with pytest.raises(tl.InputError, match="NaN"):
+        tl.top_attributions(torch.tensor([[float("nan"), 1.0]]))
+
+
+def test_kglm_contributions_side_by_side() -> None:
+    m = model_of("mlp")
+    x_tr, y_tr, x_te, y_te = train_test(n=15, t=4)
+    K_tr, K_te = tl.train_test_kernels(m, x_tr, x_te, kind="trntk", dtype=torch.float64)
+    sur = tl.KernelSurrogate().fit(K_tr.numpy(), y_tr.numpy())
+    A = tl.kglm_contributions(sur, K_te.numpy(), y_te.numpy(), chunk=3)
+    assert A.shape == (4, 15)
+    Z = sur.logits(K_te.numpy())
+    idx = y_te.numpy()
+    np.testing.assert_allclose(A.sum(1).numpy(), Z[np.arange(4), idx] - sur.class_intercept_[idx], atol=1e-10)
+    # default: the surrogate's predicted class
+    P = tl.kglm_contributions(sur, K_te.numpy())
+    pred = Z.argmax(1)
+    np.testing.assert_allclose(P.sum(1).numpy(), Z[np.arange(4), pred] - sur.class_intercept_[pred],
+                               atol=1e-10)
+    # the two explanations of the same targets, through the same top-k helper
+    s = tl.attribute(m, x_tr, x_te, labels=y_tr, test_labels=y_te)
+    assert tl.top_attributions(s, 3).proponents.shape == tl.top_attributions(A, 3).proponents.shape
+    with pytest.raises(tl.InputError, match="not among"):
+        tl.kglm_contributions(sur, K_te.numpy(), np.array([0, 1, 2, 9]))
+    with pytest.raises(tl.InputError, match="entries"):
+        tl.kglm_contributions(sur, K_te.numpy(), np.array([0, 1]))
