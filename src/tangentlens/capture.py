@@ -617,6 +617,7 @@ class CapturePlan:
         working: bytes of working memory per example of a block.
         activations: bytes the forward saves for backward, per example.
         dropped: layers not materialized because the captures would not fit the cache budget.
+        capture: the trial's capture when the trial was the whole first block (to be used as its capture).
     """
 
     block: int
@@ -625,6 +626,7 @@ class CapturePlan:
     working: int
     activations: int
     dropped: list[str]
+    capture: BlockCapture | None = None
 
 
 GRAM_TILE_BYTES = 4 * 2**20
@@ -900,11 +902,12 @@ class GradientCapture:
         cache_budget: int,
         work_budget: int,
         materialize: str = "chosen",
+        trial: int = 4,
     ) -> CapturePlan:
         """Choose the examples per capture and which layers to materialize, from one memory budget.
 
-        Captures a trial slice of at most 4 examples of the first block (which also runs the first-block
-        checks), measures per example: the activations the forward saves for backward, the compact
+        Captures a trial slice of at most ``trial`` examples of the first block (which also runs the
+        first-block checks), measures per example: the activations the forward saves for backward, the compact
         captures of every layer, the materialized gradients and the fallback's gradients; then
 
         * materializes a Linear/Conv layer with T > 1 positions (weight gradient Σ_t δ_t a_tᵀ) only where
@@ -919,9 +922,12 @@ class GradientCapture:
 
         ``materialize``: "chosen" (kernels), "all" (flat features: every gradient is materialized) or
         "kronecker" (Kronecker-projected features: Linear/Conv factors stay, other layers materialize).
-        Cost: one capture of the trial slice. The decisions hold for every later block of the call.
+        Cost: one capture of the trial slice. The decisions hold for every later block of the call. When
+        the slice is the whole block and the plan keeps it whole, that capture is returned in the plan
+        (``capture``) to be used as the block's own, so small calls capture nothing twice.
         """
-        b0 = min(batch_size_of(x), 4)
+        B = batch_size_of(x)
+        b0 = min(B, trial)
         xs = slice_batch(x, 0, b0)
         ys = None if y is None else y[:b0]
         for r in self.rules:
@@ -978,7 +984,12 @@ class GradientCapture:
         for st in stats:
             if isinstance(st[0], _OuterRule):
                 st[0].dense = materialize == "chosen" and id(st[0]) in dense
-        return CapturePlan(block, fits, int(per_example), int(w), int(graph), dropped)
+        whole: BlockCapture | None = None
+        if b0 == B and block >= B:
+            caps = [_to_dense(c) if isinstance(c, OuterCap) and r.dense else c
+                    for r, c in zip(self.rules, cap.caps)]
+            whole = BlockCapture(caps + cap.caps[len(self.rules):], B)
+        return CapturePlan(block, fits, int(per_example), int(w), int(graph), dropped, whole)
 
     def _verify(self, caps: list[Cap], ref: dict[str, Tensor], w: Tensor) -> list[_Rule]:
         bad: list[_Rule] = []
