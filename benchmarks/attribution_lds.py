@@ -43,7 +43,9 @@ random other class, one model is trained on the noisy labels, and the training p
 
 and the ROC AUC of each ranking for finding the flipped points is reported.
 
-Run: ``.venv/bin/python benchmarks/attribution_lds.py [--quick] [--json out.json]``.
+Run: ``.venv/bin/python benchmarks/attribution_lds.py [--trak-fp32] [--quick] [--json out.json]``
+(``--trak-fp32`` adds TRAK with ``use_half_precision=False``, its only change; results and the commands
+used are in benchmarks/RESULTS.md, "Counterfactual attribution: LDS against TRAK (issue 14)").
 """
 
 from __future__ import annotations
