@@ -1,9 +1,14 @@
-"""Small architectures used by the oracle tests (seeded, a few hundred to a few thousand parameters)."""
+"""Small architectures used by the oracle tests (seeded, a few hundred to a few thousand parameters), and
+two helpers the kernel tests share."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+
+from tangentlens.errors import UnsupportedLayerWarning
 
 
 def mlp(d_in: int = 6, C: int = 3) -> nn.Module:
@@ -116,3 +121,15 @@ def data(name: str, n: int, seed: int = 0):
 
 
 ARCHS = {"mlp": mlp, "cnn": cnn, "residual": residual, "transformer": transformer}
+
+
+def quiet(fn, *a, **k):
+    """Call ``fn`` with the fallback's UnsupportedLayerWarning silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsupportedLayerWarning)
+        return fn(*a, **k)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error of ``a`` against ``b`` (in float64)."""
+    return float((a.double() - b.double()).norm() / b.double().norm())

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 import tangentlens as tl
-from tangentlens.errors import UnsupportedLayerWarning
 
-from .models import ARCHS, data, mlp
+from .models import ARCHS, data, mlp, quiet, rel
 from .oracles import margin_grads
 
 ARCH_NAMES = list(ARCHS)
@@ -22,16 +21,6 @@ ARCH_NAMES = list(ARCHS)
 @functools.cache
 def model_of(arch: str, C: int = 3) -> nn.Module:
     return ARCHS[arch](C=C)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def quiet(fn, *a, **k):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnsupportedLayerWarning)
-        return fn(*a, **k)
 
 
 # ---------------------------------------------------------------------------------------------

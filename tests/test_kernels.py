@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import tangentlens as tl
 from tangentlens.errors import UnsupportedLayerWarning
 
-from .models import ARCHS, data
+from .models import ARCHS, data, quiet, rel
 from .oracles import jacobians, kernel_from_jacobians, oracle_kernel
 
 ARCH_NAMES = list(ARCHS)
@@ -34,16 +34,6 @@ def jac(arch: str, n: int, seed: int) -> torch.Tensor:
 def oracle(arch: str, kind: str, cross: bool) -> torch.Tensor:
     J1 = jac(arch, 7, 0)
     return kernel_from_jacobians(J1, jac(arch, 5, 1) if cross else J1, kind)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def quiet(fn, *a, **k):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnsupportedLayerWarning)
-        return fn(*a, **k)
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)

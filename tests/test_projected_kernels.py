@@ -4,29 +4,22 @@ reproducible across batch sizes."""
 from __future__ import annotations
 
 import functools
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import tangentlens as tl
-from tangentlens.errors import InputError, UnsupportedLayerWarning
+from tangentlens.errors import InputError
 from tangentlens.sketch import Projection
 
-from .models import ARCHS, data
+from .models import ARCHS, data, quiet
 from .oracles import jacobians
 
 
 @functools.cache
 def model_of(arch: str) -> nn.Module:
     return ARCHS[arch](C=3)
-
-
-def quiet(fn, *a, **k):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnsupportedLayerWarning)
-        return fn(*a, **k)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

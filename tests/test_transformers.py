@@ -21,6 +21,7 @@ import tangentlens as tl
 from tangentlens.errors import UnsupportedLayerWarning
 from tangentlens.sketch import Projection
 
+from .models import quiet
 from .oracles import jacobians, kernel_from_jacobians, oracle_kernel
 
 transformers = pytest.importorskip("transformers")
@@ -73,12 +74,6 @@ def hf_batch(n: int, length: int = 7, seed: int = 0, token_types: bool = False) 
     if token_types:
         batch["token_type_ids"] = (torch.arange(length)[None] >= length // 2).long().expand(n, -1)
     return batch
-
-
-def quiet(fn, *a, **k):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnsupportedLayerWarning)
-        return fn(*a, **k)
 
 
 @functools.cache
