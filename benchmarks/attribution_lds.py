@@ -15,7 +15,7 @@ For each setting:
    (:func:`tangentlens.margins`, true labels);
 3. attributions, each timed (wall clock, the thread count printed in the header):
 
-   - ``tangentlens.attribute`` exact kernel form, defaults (λ = 0.1·tr(K)/N), 1 model and 5 models;
+   - ``tangentlens.attribute`` exact kernel form, defaults (λ = tr(K)/N), 1 model and 5 models;
    - ``tangentlens.attribute(..., projection=Projection(D))`` (primal form), 1 and 5 models;
    - TRAK 0.3.2 (``TRAKer``, its CPU ``BasicProjector``, ``lambda_reg=0``, half precision as shipped)
      with ``proj_dim=512`` (its default 2048 exceeds N here, which with ``lambda_reg=0`` makes the

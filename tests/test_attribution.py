@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import tangentlens as tl
+from tangentlens.attribution import DEFAULT_LAM_SCALE
 
 from .models import ARCHS, data, mlp, quiet, rel
 from .oracles import margin_grads
@@ -108,7 +109,7 @@ def explicit_scores(m: nn.Module, x_tr, y_tr, x_te, y_te, lam: float | None = No
     """TRAK's primal formula with exact gradients: φ(x)ᵀ(ΦᵀΦ + λI)⁻¹Φᵀ diag(q), P×P in float64."""
     Phi, phi = margin_grads(m, x_tr, y_tr), margin_grads(m, x_te, y_te)
     N, P = Phi.shape
-    lam = 0.1 * float((Phi * Phi).sum()) / N if lam is None else lam
+    lam = DEFAULT_LAM_SCALE * float((Phi * Phi).sum()) / N if lam is None else lam
     q = 1 - _probs(mlp_copy(m), x_tr)[torch.arange(N), y_tr]
     H = Phi.T @ Phi + lam * torch.eye(P, dtype=torch.float64)
     return phi @ torch.linalg.solve(H, Phi.T) * q[None, :]
@@ -155,7 +156,7 @@ def test_attribute_one_logit() -> None:
     x_tr, x_te = data("mlp", 10, 0), data("mlp", 3, 1)
     y_tr, y_te = torch.arange(10) % 2, torch.tensor([1, 0, 1])
     Phi, phi = margin_grads(m, x_tr, y_tr), margin_grads(m, x_te, y_te)
-    lam = 0.1 * float((Phi * Phi).sum()) / 10
+    lam = DEFAULT_LAM_SCALE * float((Phi * Phi).sum()) / 10
     with torch.no_grad():
         z = m.double()(x_tr.double())[:, 0]
     q = torch.sigmoid(-(2 * y_tr.double() - 1) * z)  # 1 − p(y)
@@ -182,7 +183,7 @@ def test_projected_attribution_converges_to_exact() -> None:
     x_tr, y_tr, x_te, y_te = train_test(n=30, t=6)
     kw = dict(labels=y_tr, test_labels=y_te, dtype=torch.float64)
     G = margin_grads(m, x_tr, y_tr)
-    lam = 0.1 * float((G * G).sum()) / 30  # the exact default λ, so that only the projection differs
+    lam = DEFAULT_LAM_SCALE * float((G * G).sum()) / 30  # the default λ: only the projection differs
     exact = tl.attribute(m, x_tr, x_te, lam=lam, **kw)
     errs = []
     for dim in (64, 512, 4096):
