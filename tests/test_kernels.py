@@ -373,3 +373,17 @@ def test_zero_gradient_parameter_is_not_flagged() -> None:
         warnings.simplefilter("error", UnsupportedLayerWarning)
         k = tl.kernel(m, x, kind="trntk0")
     assert rel(k, oracle_kernel(m, x, kind="trntk0")) < 1e-4
+
+
+def test_same_inputs_twice_is_the_symmetric_kernel() -> None:
+    # kernel(model, x, x) takes the symmetric path: the same values as kernel(model, x), exact unit diagonal
+    m = model_of("cnn")
+    x = data("cnn", 9)
+    for kind in ("trntk", "entk", "pntk"):
+        torch.testing.assert_close(tl.kernel(m, x, x, kind=kind, batch_size=4), tl.kernel(m, x, kind=kind,
+                                   batch_size=4), rtol=0, atol=0)
+    y = torch.arange(9) % 3
+    torch.testing.assert_close(tl.kernel(m, x, x, kind="gradcos", labels=y, other_labels=y),
+                               tl.kernel(m, x, kind="gradcos", labels=y), rtol=0, atol=0)
+    K = tl.kernel(m, x, x.clone(), kind="trntk", dtype=torch.float64)  # another tensor: the cross path
+    torch.testing.assert_close(K, tl.kernel(m, x, kind="trntk", dtype=torch.float64))

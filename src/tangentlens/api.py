@@ -532,6 +532,8 @@ def kernel(
         kind, batch_size, normalize, device, parameters=parameters, projection=projection, probes=probes,
         probe_seed=probe_seed, labels=labels, other_labels=other_labels, modules=modules,
     )
+    if other is inputs and (other_labels is labels or (isinstance(labels, str) and other_labels == labels)):
+        other, other_labels = None, None  # K(x, x): the symmetric case (upper triangle, one capture pass)
     lab1, pred1 = _labels_mode(labels)
     lab2, pred2 = _labels_mode(other_labels)
     src1 = Source(inputs, batch_size, lab1, "inputs")
