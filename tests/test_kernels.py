@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tangentlens as tl
-from tangentlens.errors import UnsupportedLayerWarning
+from tangentlens.errors import InputError, UnsupportedLayerError, UnsupportedLayerWarning
 
 from .models import ARCHS, data, quiet, rel
 from .oracles import jacobians, kernel_from_jacobians, oracle_kernel
@@ -387,3 +387,26 @@ def test_same_inputs_twice_is_the_symmetric_kernel() -> None:
                                tl.kernel(m, x, kind="gradcos", labels=y), rtol=0, atol=0)
     K = tl.kernel(m, x, x.clone(), kind="trntk", dtype=torch.float64)  # another tensor: the cross path
     torch.testing.assert_close(K, tl.kernel(m, x, kind="trntk", dtype=torch.float64))
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+@pytest.mark.parametrize("kind", ["trntk0", "entk", "pntk"])
+def test_functional_implementation_equals_layer_rules(arch: str, kind: str) -> None:
+    # two independent implementations: factored layer rules vs torch.func per-example VJPs for every parameter
+    m = model_of(arch)
+    x1, x2 = data(arch, 7, 0), data(arch, 5, 1)
+    a = quiet(tl.kernel, m, x1, x2, kind=kind, dtype=torch.float64, batch_size=4)
+    b = quiet(tl.kernel, m, x1, x2, kind=kind, dtype=torch.float64, batch_size=4, implementation="functional")
+    assert rel(b, a) <= 1e-6
+
+
+def test_hooks_implementation_refuses_the_fallback() -> None:
+    m = model_of("mlp")
+    x = data("mlp", 5)
+    torch.testing.assert_close(tl.kernel(m, x, implementation="hooks"), tl.kernel(m, x))
+    with pytest.raises(UnsupportedLayerError, match="implementation='auto'"):
+        tl.kernel(model_of("transformer"), data("transformer", 4), implementation="hooks")
+    with pytest.raises(InputError, match="implementation"):
+        tl.kernel(m, x, implementation="vmap")
+    with pytest.raises(InputError, match="gradient kernels"):
+        tl.kernel(m, x, kind="em", implementation="functional")

@@ -248,3 +248,11 @@ def test_sequence_first_layer_uses_fallback(length: int) -> None:
     assert "mix" in msgs
     if length == 4:
         assert "per-example gradients disagree" in msgs
+
+
+def test_bert_functional_implementation_equals_layer_rules() -> None:
+    m = hf_model("bert")
+    x = hf_batch(5, seed=6)
+    a = quiet(tl.kernel, m, x, kind="trntk0", dtype=torch.float64)
+    b = quiet(tl.kernel, m, x, kind="trntk0", dtype=torch.float64, implementation="functional")
+    assert float((a - b).abs().max()) <= 1e-6 * float(a.abs().max())

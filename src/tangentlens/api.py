@@ -285,6 +285,7 @@ class _Engine:
         limit: int,
         verify: bool = True,
         materialize: str = "chosen",
+        implementation: str = "auto",
     ) -> None:
         self.spec = spec
         self.device = device
@@ -304,7 +305,8 @@ class _Engine:
             self.params = select_parameters(model, parameters)
             fn = make_probe_fn(spec, probes, probe_seed, predicted)
             self.grads = GradientCapture(model, self.params, fn, verify=verify,
-                                         keep_factors=materialize == "kronecker")
+                                         keep_factors=materialize == "kronecker",
+                                         implementation=implementation)
 
     def capture(self, x: Batch, y: Tensor | None) -> BlockCapture:
         if self._pending is not None and self._pending[0] is x:  # captured whole by the planning trial
@@ -458,6 +460,7 @@ def kernel(
     cache_bytes: int | None = DEFAULT_CACHE_BYTES,
     projection: Projection | None = None,
     memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+    implementation: str = "auto",
 ) -> Tensor | dict[str, Tensor]:
     r"""Empirical kernel of a trained network between ``inputs`` and ``other`` (or ``inputs`` itself).
 
@@ -508,6 +511,12 @@ def kernel(
             φ_c(x) = R g_c(x), one R shared by every class and normalized *after* summing over classes —
             ``kind="trntk"`` gives proj-trNTK, ``kind="pntk", normalize=True`` proj-pNTK. Projected
             features of both sides are formed block by block (N·M·K floats) and multiplied.
+        implementation: how per-example gradients are computed: "auto" (default; layer rules — factored
+            Linear/Conv/Embedding/norm gradients, checked on the first block — and the ``torch.func``
+            fallback for every other parameter), "hooks" (layer rules only; a parameter needing the
+            fallback is an UnsupportedLayerError) or "functional" (every parameter through ``torch.func``
+            per-example vector-Jacobian products: slower, independent of the rules; the tests cross-check
+            the two).
         memory_budget: bytes the call may use beyond its inputs, model and result; None (default): a
             quarter of the memory available at the call on ``device`` (at least 512 MiB). Half bounds the
             cached captures, half one block's working set; blocks are split (within ``batch_size``) and
@@ -531,6 +540,7 @@ def kernel(
     spec, norm = _validate_common(
         kind, batch_size, normalize, device, parameters=parameters, projection=projection, probes=probes,
         probe_seed=probe_seed, labels=labels, other_labels=other_labels, modules=modules,
+        implementation=implementation,
     )
     if other is inputs and (other_labels is labels or (isinstance(labels, str) and other_labels == labels)):
         other, other_labels = None, None  # K(x, x): the symmetric case (upper triangle, one capture pass)
@@ -544,13 +554,14 @@ def kernel(
             model, inputs, other, spec=spec, norm=norm, parameters=parameters, batch_size=batch_size,
             device=device, dtype=dtype, labels=labels, other_labels=other_labels, probes=probes,
             probe_seed=probe_seed, projection=projection, by_layer=by_layer, memory_budget=memory_budget,
+            implementation=implementation,
         )
     src2 = Source(other, batch_size, lab2, "other") if other is not None else None
     predicted = pred1 or (pred2 and src2 is not None)
     with _engine(
         model, spec, parameters=parameters, device=device, dtype=dtype, probes=probes, probe_seed=probe_seed,
         predicted=predicted, modules=modules, memory_budget=memory_budget, cache_bytes=cache_bytes,
-        batch_size=batch_size,
+        batch_size=batch_size, implementation=implementation,
     ) as eng:
         return _assemble(eng, src1, src2, spec, norm, by_layer)
 
@@ -575,6 +586,7 @@ def train_test_kernels(
     cache_bytes: int | None = DEFAULT_CACHE_BYTES,
     projection: Projection | None = None,
     memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+    implementation: str = "auto",
 ) -> tuple[Tensor, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The two blocks a kernel surrogate needs, K(train, train) and K(test, train), in one pass.
 
@@ -611,6 +623,7 @@ def train_test_kernels(
     spec, norm = _validate_common(
         kind, batch_size, normalize, device, parameters=parameters, projection=projection, probes=probes,
         probe_seed=probe_seed, labels=labels, test_labels=test_labels, modules=modules,
+        implementation=implementation,
     )
     lab_tr, pred_tr = _labels_mode(labels)
     lab_te, pred_te = _labels_mode(test_labels)
@@ -624,7 +637,7 @@ def train_test_kernels(
         kw: dict[str, Any] = dict(
             kind=spec.name, normalize=False, projection=projection, parameters=parameters,
             batch_size=batch_size, device=device, dtype=dtype, probes=probes, probe_seed=probe_seed,
-            memory_budget=memory_budget,
+            memory_budget=memory_budget, implementation=implementation,
         )
         F_tr = features(model, train, labels=labels, **kw)
         F_te = features(model, test, labels=test_labels, **kw)
@@ -633,7 +646,7 @@ def train_test_kernels(
     with _engine(
         model, spec, parameters=parameters, device=device, dtype=dtype, probes=probes, probe_seed=probe_seed,
         predicted=pred_tr, modules=modules, memory_budget=memory_budget, cache_bytes=cache_bytes,
-        batch_size=batch_size,
+        batch_size=batch_size, implementation=implementation,
     ) as eng:
         acc, d_tr, caps = _symmetric(eng, src_tr, spec.full, by_layer, keep=True)
         K_tr = _finish(acc, d_tr, d_tr, norm, by_layer, True)
@@ -656,6 +669,7 @@ def _engine(
     memory_budget: int | None,
     cache_bytes: int | None,
     batch_size: int,
+    implementation: str = "auto",
 ) -> Iterator[_Engine]:
     """An engine on the prepared (eval-mode, placed) model; everything is restored on exit."""
     with prepared(model, device=device, dtype=dtype) as (work, dev, dt):
@@ -666,6 +680,7 @@ def _engine(
                 work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt, probes=probes,
                 probe_seed=probe_seed, predicted=predicted, modules=modules,
                 budget=_budget(memory_budget, cache_bytes, dev), limit=batch_size,
+                implementation=implementation,
             )
             try:
                 yield eng
@@ -828,6 +843,7 @@ def features(
     modules: Sequence[str | nn.Module] | None = None,
     projection: Projection | None = None,
     memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+    implementation: str = "auto",
 ) -> Tensor:
     """Per-example feature vectors whose inner products give ``kernel(..., kind=kind)``.
 
@@ -854,12 +870,12 @@ def features(
     """
     spec, norm, src, pred = _feature_setup(
         kind, inputs, batch_size, normalize, device, parameters, probes, probe_seed, labels, modules,
-        projection,
+        projection, implementation,
     )
     out: Tensor | None = None
     for start, b in _feature_blocks(
         model, src, spec, norm, pred, parameters, device, dtype, probes, probe_seed, modules, projection,
-        memory_budget,
+        memory_budget, implementation,
     ):
         if out is None:  # one allocation of the result; blocks are copied in as they stream
             shape = (len(src), *b.shape[1:])
@@ -890,6 +906,7 @@ def iter_features(
     modules: Sequence[str | nn.Module] | None = None,
     projection: Projection | None = None,
     memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+    implementation: str = "auto",
 ) -> Iterator[tuple[int, Tensor]]:
     """Stream :func:`features` as ``(start_row, block)`` pairs (blocks on the CPU).
 
@@ -906,14 +923,14 @@ def iter_features(
     """
     spec, norm, src, pred = _feature_setup(
         kind, inputs, batch_size, normalize, device, parameters, probes, probe_seed, labels, modules,
-        projection,
+        projection, implementation,
     )
     check_materialized(model)
     if spec.probes != "none":
         select_parameters(model, parameters)  # a bad (or all-frozen) selection fails here, not at next()
     return _feature_blocks(
         model, src, spec, norm, pred, parameters, device, dtype, probes, probe_seed, modules, projection,
-        memory_budget,
+        memory_budget, implementation,
     )
 
 
@@ -929,11 +946,12 @@ def _feature_setup(
     labels: LabelSpec,
     modules: Sequence[str | nn.Module] | None,
     projection: Projection | None,
+    implementation: str = "auto",
 ) -> tuple[KindSpec, bool, Source, bool]:
     """Validate :func:`features`' arguments; return (spec, normalize, source, predicted labels)."""
     spec, norm = _validate_common(
         kind, batch_size, normalize, device, parameters=parameters, projection=projection, probes=probes,
-        probe_seed=probe_seed, labels=labels, modules=modules,
+        probe_seed=probe_seed, labels=labels, modules=modules, implementation=implementation,
     )
     lab, pred = _labels_mode(labels)
     return spec, norm, Source(inputs, batch_size, lab, "inputs"), pred
@@ -953,6 +971,7 @@ def _feature_blocks(
     modules: Sequence[str | nn.Module] | None,
     projection: Projection | None,
     memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+    implementation: str = "auto",
 ) -> Iterator[tuple[int, Tensor]]:
     """The feature blocks of ``src`` in order: one capture per block (split to the size the memory budget
     allows), materialized or projected.
@@ -988,7 +1007,7 @@ def _feature_blocks(
                                 work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt,
                                 probes=probes, probe_seed=probe_seed, predicted=pred, modules=modules,
                                 budget=_budget(memory_budget, None, dev), limit=src.batch_size,
-                                materialize=materialize,
+                                materialize=materialize, implementation=implementation,
                             )
                         if eng.block is None:
                             eng._plan(blk)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import NonFiniteError, UnsupportedLayerError, UnsupportedLayerWarning
+from .errors import InputError, NonFiniteError, UnsupportedLayerError, UnsupportedLayerWarning
 from .inputs import Batch, batch_size_of, slice_batch
 from .model import call_model, extract_logits
 
@@ -600,6 +600,9 @@ class Fallback:
 # The capturer: sets up rules, checks them on the first block, captures blocks
 # --------------------------------------------------------------------------------------------------
 
+IMPLEMENTATIONS = ("auto", "hooks", "functional")
+"""How per-example gradients are computed (see :class:`GradientCapture`)."""
+
 DENSE_ADVANTAGE = 4
 """Materialize a layer's per-example gradients only where the factored Gram is this many times more work
 per pair: materializing costs T·M·d_in·d_out per example and its Gram is bound by memory traffic."""
@@ -674,6 +677,10 @@ class GradientCapture:
         probe_fn: builds the probe vectors (B, M, C) from logits and labels.
         verify: check hook-based gradients against autograd on the first block (recommended).
         keep_factors: never materialize factored (Linear/Conv) captures, e.g. for Kronecker projections.
+        implementation: "auto" (layer rules where they apply and are verified, the ``torch.func``
+            fallback elsewhere), "hooks" (layer rules only: a parameter that would need the fallback is an
+            :class:`UnsupportedLayerError`) or "functional" (every parameter through the fallback — the
+            independent implementation the rules are cross-checked against).
 
     Use as a context manager; hooks are removed on exit.
     """
@@ -685,11 +692,17 @@ class GradientCapture:
         probe_fn: ProbeFn,
         verify: bool = True,
         keep_factors: bool = False,
+        implementation: str = "auto",
     ) -> None:
+        if implementation not in IMPLEMENTATIONS:
+            raise InputError(
+                f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}."
+            )
         self.model = model
         self.params = params
         self.probe_fn = probe_fn
         self.verify = verify
+        self.implementation = implementation
         self.rules: list[_Rule] = []
         self.fallback_names: list[str] = []
         self._checked = False
@@ -701,7 +714,7 @@ class GradientCapture:
         self._param_ptrs |= {b.untyped_storage().data_ptr() for b in model.buffers()}
         by_id = {id(p): n for n, p in params.items()}
         covered: set[str] = set()
-        for mname, mod in model.named_modules():
+        for mname, mod in model.named_modules() if implementation != "functional" else ():
             own = {r: p for r, p in mod.named_parameters(recurse=False) if id(p) in by_id}
             if not own:
                 continue
@@ -716,6 +729,7 @@ class GradientCapture:
             self.rules.append(rule)
             covered.update(names.values())
         self.fallback_names = [n for n in params if n not in covered]
+        self._warned = implementation == "functional"  # the fallback was asked for: nothing to warn about
 
     def __enter__(self) -> GradientCapture:
         return self
@@ -728,6 +742,12 @@ class GradientCapture:
         if not rules:
             return
         names = [n for r in rules for n in r.params()]
+        if self.implementation == "hooks":
+            raise UnsupportedLayerError(
+                f"{why}: {', '.join(r.group for r in rules)}. With implementation='hooks' their parameters "
+                f"({names[:6]}) cannot use the torch.func fallback: pass implementation='auto', or exclude "
+                "them with parameters=..."
+            )
         warnings.warn(
             f"{why}: {', '.join(r.group for r in rules)}. Their parameters ({len(names)}) use the "
             "per-example torch.func fallback (exact, slower).",
@@ -743,6 +763,12 @@ class GradientCapture:
 
     def _warn_unsupported(self) -> None:
         warned, self._warned = self._warned, True
+        if self.fallback_names and self.implementation == "hooks":
+            raise UnsupportedLayerError(
+                f"No layer rule covers parameters {self.fallback_names[:6]}; with implementation='hooks' "
+                "they cannot use the torch.func fallback: pass implementation='auto', or exclude them with "
+                "parameters=..."
+            )
         if self.fallback_names and not warned:
             warnings.warn(
                 "No fast exact rule for parameters "

@@ -13,12 +13,13 @@ from .errors import InputError, UnknownKindError
 # Options of kernel / train_test_kernels / features / iter_features that only some kinds accept: the
 # option's name -> (its default: any other value is "given", what accepts it in words). Which kinds accept
 # which of them is the ``options`` field of each KindSpec below.
-GRADIENT_OPTIONS: frozenset[str] = frozenset({"parameters", "projection"})
+GRADIENT_OPTIONS: frozenset[str] = frozenset({"parameters", "projection", "implementation"})
 TRACE_OPTIONS: frozenset[str] = GRADIENT_OPTIONS | {"probes", "probe_seed"}
 LABEL_OPTIONS: frozenset[str] = frozenset({"labels", "other_labels", "test_labels"})
 OPTION_DEFAULTS: dict[str, object] = {
     "parameters": None,
     "projection": None,
+    "implementation": "auto",
     "probes": None,
     "probe_seed": 0,
     "labels": None,
@@ -29,6 +30,7 @@ OPTION_DEFAULTS: dict[str, object] = {
 OPTION_GROUPS: dict[str, str] = {
     "parameters": "gradient kernels",
     "projection": "gradient kernels",
+    "implementation": "gradient kernels",
     "probes": "the trace kinds",
     "probe_seed": "the trace kinds (with probes=)",
     "labels": "the label kinds",
@@ -91,6 +93,8 @@ def kinds_accepting(option: str) -> list[str]:
 
 def _is_default(option: str, value: object) -> bool:
     default = OPTION_DEFAULTS[option]
+    if isinstance(default, str):
+        return isinstance(value, str) and value == default
     if default is None or value is None or isinstance(value, (bool, str)):
         return value is default
     try:
