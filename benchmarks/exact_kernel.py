@@ -114,6 +114,29 @@ def bench_pair(name: str, model: nn.Module, n: int, t: int) -> dict:
     return dict(model=name, n_train=n, n_test=t, two_calls_s=t_two, pair_s=t_one, max_abs_diff=err)
 
 
+def bench_same(name: str, model: nn.Module, n: int, reps: int = 3) -> dict:
+    """kernel(model, x) vs kernel(model, x, x) (same object: the symmetric path) vs kernel(model, x, x')
+    with x' an equal copy (the cross path): best of ``reps`` after a warm-up."""
+    x = data(n)
+    calls = {
+        "kernel(m, x)": lambda: tl.kernel(model, x, kind="trntk"),
+        "kernel(m, x, x)": lambda: tl.kernel(model, x, x, kind="trntk"),
+        "kernel(m, x, x.clone())": lambda: tl.kernel(model, x, x.clone(), kind="trntk"),
+    }
+    out = {}
+    for label, f in calls.items():
+        f()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        out[label] = min(ts)
+    base = out["kernel(m, x)"]
+    print(f"{name} N={n}: " + ", ".join(f"{k} {v:.3f} s ({v / base:.2f}x)" for k, v in out.items()))
+    return out
+
+
 def _hwm() -> int:
     """Peak resident set size of this process in bytes (VmHWM; not inherited across exec)."""
     with open("/proc/self/status") as f:
@@ -153,6 +176,8 @@ def main() -> None:
     ap.add_argument("--mem-child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--pair", type=int, nargs=2, metavar=("N_TRAIN", "N_TEST"), default=None,
                     help="only time train_test_kernels against two kernel calls")
+    ap.add_argument("--same", action="store_true",
+                    help="only time kernel(m, x, x) against kernel(m, x) (is the symmetric case recognised?)")
     a = ap.parse_args()
     if a.mem_child:
         _mem_child(a.mem_child)
@@ -162,6 +187,10 @@ def main() -> None:
     if a.pair:
         for name, model in (("MLP", mnist_mlp()), ("CNN", small_cnn()), ("CNN-c", conv_heavy_cnn())):
             bench_pair(name, model, *a.pair)
+        return
+    if a.same:
+        bench_same("MLP", mnist_mlp(), a.n)
+        bench_same("CNN", small_cnn(), min(a.n, 500))
         return
     if a.mem_n:
         memory(a.mem_n)
