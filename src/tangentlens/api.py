@@ -420,7 +420,7 @@ def _labels_mode(labels: LabelSpec) -> tuple[Any, bool]:
     return labels, False
 
 
-def _check_gradcos_labels(
+def _check_label_modes(
     rows: Source, rows_predicted: bool, cols_predicted: bool, names: tuple[str, str], warn: bool = True
 ) -> None:
     """Grad-Cos of a rows × columns block: true labels of the rows (the points a surrogate explains) leak
@@ -528,8 +528,9 @@ def kernel(
     Cost: per block one forward and M backward passes (M = C for the trace kinds, 1 for pNTK and Grad-Cos);
     per pair of blocks and layer with one position 2·B1·B2·(d_in + M·d_out) flops. Memory: the result, plus
     captures (≈ N2·Σ_layers(d_in + M·d_out) floats for an MLP) while they fit ``cache_bytes``, plus one
-    block's working set within ``memory_budget``; the first block also runs a trial capture of up to 4
-    examples that measures the per-example memory and runs the first-block checks.
+    block's working set within ``memory_budget``. The first block's planning capture (the whole block for
+    a small call on a small model, else 4 examples) measures the per-example memory and runs the
+    first-block checks.
 
     Raises:
         UnknownKindError, InputError, ModelOutputError, ParameterSelectionError, NonFiniteError. Among the
@@ -548,7 +549,7 @@ def kernel(
     lab2, pred2 = _labels_mode(other_labels)
     src1 = Source(inputs, batch_size, lab1, "inputs")
     if spec.needs_labels and other is not None:
-        _check_gradcos_labels(src1, pred1, pred2, ("labels", "other_labels"), warn=spec.name == "gradcos")
+        _check_label_modes(src1, pred1, pred2, ("labels", "other_labels"), warn=spec.name == "gradcos")
     if projection is not None:
         return _projected_kernel(
             model, inputs, other, spec=spec, norm=norm, parameters=parameters, batch_size=batch_size,
@@ -598,7 +599,7 @@ def train_test_kernels(
 
     Args:
         model, kind, normalize, parameters, batch_size, device, dtype, probes, probe_seed, modules,
-            by_layer, cache_bytes, projection, memory_budget: as in :func:`kernel`.
+            by_layer, cache_bytes, projection, memory_budget, implementation: as in :func:`kernel`.
         train: the training examples (rows and columns of the first block, columns of the second).
         test: the examples to explain (rows of the second block).
         labels: labels of ``train`` for ``"gradcos"`` and ``"margin"`` (or ``"predicted"``).
@@ -615,10 +616,7 @@ def train_test_kernels(
     N²/2 + T·N block pairs.
 
     Raises:
-        UnknownKindError, InputError, ModelOutputError, ParameterSelectionError, NonFiniteError. Among the
-        InputErrors: ModelCallError (the model's forward raised on a block: wrong input shape or dtype),
-        DeviceError (``device`` unavailable, or ``meta``), MemoryBudgetError (a projection's working set
-        does not fit), and an option the kind does not use (e.g. ``modules=`` with ``kind="trntk"``).
+        As :func:`kernel`.
     """
     spec, norm = _validate_common(
         kind, batch_size, normalize, device, parameters=parameters, projection=projection, probes=probes,
@@ -629,7 +627,7 @@ def train_test_kernels(
     lab_te, pred_te = _labels_mode(test_labels)
     src_te = Source(test, batch_size, lab_te, "test")
     if spec.needs_labels:
-        _check_gradcos_labels(src_te, pred_te, pred_tr, ("test_labels", "labels"),
+        _check_label_modes(src_te, pred_te, pred_tr, ("test_labels", "labels"),
                               warn=spec.name == "gradcos")
     if projection is not None:
         if by_layer:

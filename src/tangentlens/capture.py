@@ -38,7 +38,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -638,6 +638,16 @@ faster (a MiniLM-sized BERT, 30 tokens, N = 48, 1 thread: blocks of 12 or 16 exa
 5.8 s, one block of 48 6.4 s), and a symmetric kernel computes only the upper triangle of its block pairs."""
 
 
+class _RuleCost(NamedTuple):
+    """Per-example bytes of one layer rule, measured by the planning capture."""
+
+    rule: _Rule
+    factored: float  # its compact capture
+    dense: float  # its materialized per-example gradients
+    pair: float  # the largest intermediate of one pair of examples in a position-wise Gram block
+    candidate: bool  # materialize it if the cache allows
+
+
 def _largest_block(w: float, g: float, budget: float, limit: int, tile: bool = True) -> int:
     """The largest s ≤ limit (at least 1) with s·w + s²·g ≤ budget (and s²·g ≤ ``GRAM_TILE_BYTES``)."""
     if g > 0:
@@ -965,7 +975,7 @@ class GradientCapture:
             self._measure = False
         graph = sum(self._saved.values()) / b0
         self._saved.clear()
-        stats = []
+        stats: list[_RuleCost] = []
         for rule, c in zip(self.rules, cap.caps):
             es = _tensors(c)[0].element_size()
             pair, dense_pe, candidate = 0.0, 0.0, False
@@ -984,32 +994,32 @@ class GradientCapture:
                 dense_pe = M * c.num_embeddings * d * es
                 pair = 4.0 * T * T * es
                 candidate = materialize != "chosen"  # features materialize the table's gradient
-            stats.append((rule, fact_pe, dense_pe, pair, candidate))
+            stats.append(_RuleCost(rule, fact_pe, dense_pe, pair, candidate))
         fallback = cap.caps[-1].nbytes() / b0 if len(cap.caps) > len(self.rules) else 0.0
-        dense = {id(st[0]) for st in stats if st[4]}
+        dense = {id(st.rule) for st in stats if st.candidate}
         dropped: list[str] = []
 
         def cache_pe() -> float:
-            return fallback + sum(st[2] if id(st[0]) in dense else st[1] for st in stats)
+            return fallback + sum(st.dense if id(st.rule) in dense else st.factored for st in stats)
 
         if materialize == "chosen":
-            for st in sorted(stats, key=lambda st: st[2] - st[1], reverse=True):
+            for st in sorted(stats, key=lambda st: st.dense - st.factored, reverse=True):
                 if n_cache * cache_pe() <= cache_budget:
                     break
-                if id(st[0]) in dense:
-                    dense.discard(id(st[0]))
-                    dropped.append(st[0].group)
+                if id(st.rule) in dense:
+                    dense.discard(id(st.rule))
+                    dropped.append(st.rule.group)
         per_example = cache_pe()
         # saved activations and backward transients; captures and the temporaries that build them
-        w = 2 * graph + 2 * per_example + sum(st[1] for st in stats)
+        w = 2 * graph + 2 * per_example + sum(st.factored for st in stats)
         # Gram intermediates of factored layers (features form no Gram blocks)
-        pairs = [st[3] for st in stats if id(st[0]) not in dense] if materialize == "chosen" else []
+        pairs = [st.pair for st in stats if id(st.rule) not in dense] if materialize == "chosen" else []
         g = max(pairs, default=0.0)
         block = _largest_block(w, g, work_budget, limit)
         fits = _largest_block(w, g, work_budget, limit, tile=False)
         for st in stats:
-            if isinstance(st[0], _OuterRule):
-                st[0].dense = materialize == "chosen" and id(st[0]) in dense
+            if isinstance(st.rule, _OuterRule):
+                st.rule.dense = materialize == "chosen" and id(st.rule) in dense
         whole: BlockCapture | None = None
         if b0 == B and block >= B:
             caps = [_to_dense(c) if isinstance(c, OuterCap) and r.dense else c
