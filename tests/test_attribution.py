@@ -248,7 +248,7 @@ def test_kglm_contributions_side_by_side() -> None:
     x_tr, y_tr, x_te, y_te = train_test(n=15, t=4)
     K_tr, K_te = tl.train_test_kernels(m, x_tr, x_te, kind="trntk", dtype=torch.float64)
     sur = tl.KernelSurrogate().fit(K_tr.numpy(), y_tr.numpy())
-    A = tl.kglm_contributions(sur, K_te.numpy(), y_te.numpy(), chunk=3)
+    A = tl.kglm_contributions(sur, K_te.numpy(), y_te.numpy())
     assert A.shape == (4, 15)
     Z = sur.logits(K_te.numpy())
     idx = y_te.numpy()

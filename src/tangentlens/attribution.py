@@ -33,7 +33,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch import Tensor, nn
 
-from .api import DEFAULT_MEMORY_BUDGET, _check_labels, features, train_test_kernels
+from .api import DEFAULT_MEMORY_BUDGET, _check_labels, _labels_mode, features, train_test_kernels
 from .errors import InputError, NonFiniteError
 from .inputs import Source, move_batch
 from .model import ParameterSpec, call_model, extract_logits, prepared
@@ -169,11 +169,7 @@ def _check_lam(lam: Any) -> float | None:
 
 
 def _is_predicted(labels: Any) -> bool:
-    if isinstance(labels, str):
-        if labels != "predicted":
-            raise InputError(f"labels must be a tensor of class indices or 'predicted'; got {labels!r}.")
-        return True
-    return False
+    return _labels_mode(labels)[1]
 
 
 def _source_labels(src: Source) -> Tensor | None:
@@ -299,7 +295,7 @@ def top_attributions(scores: Tensor | ArrayLike, k: int = 10) -> TopAttributions
     """Top-k proponents and opponents per test target of a (T, N) score matrix.
 
     Works on :func:`attribute`'s scores and on :func:`kglm_contributions` alike (a (N,) vector is one
-    target). Cost: two top-k selections, O(T·N).
+    target). Cost: two stable sorts, O(T·N log N).
 
     Args:
         scores: (T, N) or (N,) scores.
@@ -318,13 +314,13 @@ def top_attributions(scores: Tensor | ArrayLike, k: int = 10) -> TopAttributions
     if not torch.isfinite(S).all():
         raise InputError("scores contain NaN or infinite values.")
     kk = min(int(k), S.shape[1])
-    top = torch.topk(S, kk, dim=1)
-    low = torch.topk(S, kk, dim=1, largest=False)
-    return TopAttributions(top.indices, top.values, low.indices, low.values)
+    # stable sorts: among equal scores the lower training index comes first (as in tangentlens.explain)
+    hi = torch.argsort(-S, dim=1, stable=True)[:, :kk]
+    lo = torch.argsort(S, dim=1, stable=True)[:, :kk]
+    return TopAttributions(hi, S.gather(1, hi), lo, S.gather(1, lo))
 
 
-def kglm_contributions(surrogate: Any, K_test_train: ArrayLike, target: ArrayLike | None = None,
-                       *, chunk: int = 256) -> Tensor:
+def kglm_contributions(surrogate: Any, K_test_train: ArrayLike, target: ArrayLike | None = None) -> Tensor:
     """The kGLM decomposition of one class's logit per test point, in :func:`attribute`'s layout.
 
     For a fitted :class:`tangentlens.KernelSurrogate` (weights W, C×N) and the kernel block
@@ -332,14 +328,13 @@ def kglm_contributions(surrogate: Any, K_test_train: ArrayLike, target: ArrayLik
     (``surrogate.contributions``), so row n sums to z_{c_n}(x_n) − b_{c_n}. Side by side with
     :func:`attribute`'s scores for the same targets (e.g. through :func:`top_attributions`) this compares
     *what the surrogate's prediction consists of* with *how the prediction would change if training
-    points were removed*. Cost: T·N multiplications (rows processed ``chunk`` at a time).
+    points were removed*. Cost: T·N multiplications (only the explained class's row of W is used).
 
     Args:
-        surrogate: a fitted kernel surrogate with ``contributions`` and ``classes_``.
+        surrogate: a fitted kernel surrogate (``class_coef_``, ``classes_``, ``logits``).
         K_test_train: (T, N) kernel block.
         target: (T,) class labels (values of ``surrogate.classes_``) to explain, e.g. the test labels
             used with :func:`attribute`; ``None``: the surrogate's predicted classes.
-        chunk: test rows per block of the (chunk, C, N) contributions.
 
     Returns:
         (T, N) float64 tensor.
@@ -348,8 +343,10 @@ def kglm_contributions(surrogate: Any, K_test_train: ArrayLike, target: ArrayLik
         InputError: ``target`` has the wrong length or a label the surrogate does not know.
     """
     K = np.asarray(K_test_train, dtype=np.float64)
-    if K.ndim != 2:
-        raise InputError(f"K_test_train must be a 2-D (n_test, N) kernel block; got shape {K.shape}.")
+    W = np.asarray(surrogate.class_coef_, dtype=np.float64)
+    if K.ndim != 2 or K.shape[1] != W.shape[1]:
+        raise InputError(f"K_test_train must be a 2-D (n_test, N) kernel block against the surrogate's "
+                         f"N = {W.shape[1]} training points; got shape {K.shape}.")
     classes = list(np.asarray(surrogate.classes_).tolist())
     if target is None:
         idx = np.argmax(surrogate.logits(K), axis=1)
@@ -363,8 +360,4 @@ def kglm_contributions(surrogate: Any, K_test_train: ArrayLike, target: ArrayLik
             raise InputError(f"target labels {sorted(set(missing))[:5]} are not among the surrogate's "
                              f"classes {classes}.")
         idx = np.array([pos[v] for v in t.tolist()], dtype=np.int64)
-    out = np.empty_like(K)
-    for s in range(0, K.shape[0], max(int(chunk), 1)):
-        A = surrogate.contributions(K[s : s + chunk])
-        out[s : s + chunk] = A[np.arange(A.shape[0]), idx[s : s + chunk]]
-    return torch.from_numpy(out)
+    return torch.from_numpy(W[idx] * K)  # = surrogate.contributions(K)[n, idx[n], :], row by row

@@ -427,20 +427,29 @@ class HookStash:
         self.model = model
         self._baseline: dict[tuple[int, str], set[Any]] = {}
         self._saved: list[tuple[dict[Any, Any], Any, Any]] = []
+        self._found: list[tuple[tuple[int, str], dict[Any, Any]]] | None = None
 
-    def _dicts(self) -> Iterator[tuple[tuple[int, str], dict[Any, Any]]]:
-        for m in self.model.modules():
-            for name, d in vars(m).items():
-                if name.startswith("_") and "hooks" in name and isinstance(d, dict):
-                    yield (id(m), name), d
+    def _dicts(self) -> list[tuple[tuple[int, str], dict[Any, Any]]]:
+        # found once: modules keep their hook dictionaries for life, and scanning every module's
+        # attributes per block costs milliseconds on a large model
+        if self._found is None:
+            self._found = [
+                ((id(m), name), d)
+                for m in self.model.modules()
+                for name, d in vars(m).items()
+                if name.startswith("_") and "hooks" in name and isinstance(d, dict)
+            ]
+        return self._found
 
     def mark(self) -> None:
         """Remember the hooks present now (the caller's): they are never stashed."""
-        self._baseline = {key: set(d) for key, d in self._dicts()}
+        self._baseline = {key: set(d) for key, d in self._dicts() if d}
 
     def stash(self) -> None:
         """Take every hook added since the mark off the model (kept for :meth:`restore`)."""
         for key, d in self._dicts():
+            if not d:
+                continue
             base = self._baseline.get(key, set())
             for k in [k for k in d if k not in base]:
                 self._saved.append((d, k, d.pop(k)))
