@@ -17,7 +17,6 @@ from tangentlens.lds import (
     SubsetRetrainer,
     lds,
     margins,
-    retrain_subsets,
     subset_masks,
     subset_train_seed,
 )
@@ -212,7 +211,7 @@ def test_retrainer_bad_settings(kwargs, match):
 # --------------------------------------------------------------------------------------------------
 def test_harness_in_memory_records_outputs():
     task = Ridge()
-    runs = retrain_subsets(task.train, task.outputs, 60, 12, seed=1, progress=False)
+    runs = SubsetRetrainer(task.train, task.outputs, 60, 12, seed=1, progress=False).run()
     assert runs.masks.shape == (12, 60) and runs.outputs.shape == (12, 8)
     assert runs.outputs.dtype == np.float64 and runs.n_trained == 12 and runs.n_loaded == 0
     for m, (indices, seed) in enumerate(list(task.calls)):
@@ -230,12 +229,12 @@ def test_harness_in_memory_records_outputs():
 def test_interrupted_run_resumes_without_retraining(tmp_path):
     n_train, M, k = 60, 10, 4
     reference = Ridge()
-    full = retrain_subsets(reference.train, reference.outputs, n_train, M, seed=7, progress=False)
+    full = SubsetRetrainer(reference.train, reference.outputs, n_train, M, seed=7, progress=False).run()
 
     first = Ridge(fail_after=k)
     with pytest.raises(KeyboardInterrupt):
-        retrain_subsets(first.train, first.outputs, n_train, M, seed=7, cache_dir=tmp_path / "store",
-                        progress=False)
+        SubsetRetrainer(first.train, first.outputs, n_train, M, seed=7, cache_dir=tmp_path / "store",
+                        progress=False).run()
     assert len(first.calls) == k
     assert sorted(p.name for p in (tmp_path / "store").glob("subset_*.npz")) == [
         f"subset_{m:06d}.npz" for m in range(k)
@@ -253,15 +252,16 @@ def test_interrupted_run_resumes_without_retraining(tmp_path):
     assert np.array_equal(runs.masks, full.masks)
 
     third = Ridge()
-    again = retrain_subsets(third.train, third.outputs, n_train, M, seed=7, cache_dir=tmp_path / "store",
-                            progress=False)
+    again = SubsetRetrainer(third.train, third.outputs, n_train, M, seed=7, cache_dir=tmp_path / "store",
+                            progress=False).run()
     assert third.calls == [] and again.n_loaded == M
     assert np.array_equal(again.outputs, full.outputs)
 
 
 def test_store_files_are_plain_json_and_npz(tmp_path):
     task = Ridge()
-    retrain_subsets(task.train, task.outputs, 60, 3, alpha=0.4, seed=2, cache_dir=tmp_path, progress=False)
+    SubsetRetrainer(task.train, task.outputs, 60, 3, alpha=0.4, seed=2, cache_dir=tmp_path,
+                    progress=False).run()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert {k: manifest[k] for k in ("n_train", "alpha", "n_subsets", "seed")} == {
         "n_train": 60, "alpha": 0.4, "n_subsets": 3, "seed": 2,
@@ -283,8 +283,8 @@ def test_store_files_are_plain_json_and_npz(tmp_path):
 def test_reopening_with_other_settings_raises(tmp_path, change, field):
     task = Ridge()
     settings = {"n_train": 60, "n_subsets": 5, "alpha": 0.5, "seed": 0}
-    retrain_subsets(task.train, task.outputs, settings.pop("n_train"), settings.pop("n_subsets"),
-                    cache_dir=tmp_path, progress=False, **settings)
+    SubsetRetrainer(task.train, task.outputs, settings.pop("n_train"), settings.pop("n_subsets"),
+                    cache_dir=tmp_path, progress=False, **settings).run()
     settings = {"n_train": 60, "n_subsets": 5, "alpha": 0.5, "seed": 0} | change
     with pytest.raises(StoreMismatchError, match=f"{field}: the store has") as e:
         SubsetRetrainer(task.train, task.outputs, settings.pop("n_train"), settings.pop("n_subsets"),
@@ -295,7 +295,7 @@ def test_reopening_with_other_settings_raises(tmp_path, change, field):
 
 def test_store_damage_is_reported(tmp_path):
     task = Ridge()
-    retrain_subsets(task.train, task.outputs, 60, 3, cache_dir=tmp_path, progress=False)
+    SubsetRetrainer(task.train, task.outputs, 60, 3, cache_dir=tmp_path, progress=False).run()
     (tmp_path / "subset_000001.npz").write_bytes(b"not a zip")
     with pytest.raises(StoreMismatchError, match="delete it to retrain subset 1"):
         SubsetRetrainer(task.train, task.outputs, 60, 3, cache_dir=tmp_path, progress=False)
@@ -309,14 +309,15 @@ def test_store_damage_is_reported(tmp_path):
 def test_bad_outputs_are_not_stored(tmp_path):
     task = Ridge()
     with pytest.raises(NonFiniteError, match="subset 0"):
-        retrain_subsets(task.train, lambda w: np.full(3, np.nan), 60, 3, cache_dir=tmp_path, progress=False)
+        SubsetRetrainer(task.train, lambda w: np.full(3, np.nan), 60, 3, cache_dir=tmp_path,
+                        progress=False).run()
     assert not list(tmp_path.glob("subset_*.npz"))
     lengths = iter([3, 4])
     with pytest.raises(InputError, match="same targets"):
-        retrain_subsets(task.train, lambda w: np.zeros(next(lengths)), 60, 3, progress=False)
+        SubsetRetrainer(task.train, lambda w: np.zeros(next(lengths)), 60, 3, progress=False).run()
     with pytest.raises(InputError, match="1-D"):
-        retrain_subsets(task.train, lambda w: np.zeros((2, 2)), 60, 3, progress=False)
+        SubsetRetrainer(task.train, lambda w: np.zeros((2, 2)), 60, 3, progress=False).run()
     # torch outputs with grad are accepted
-    runs = retrain_subsets(task.train, lambda w: torch.tensor(task.outputs(w), requires_grad=True), 60, 3,
-                           progress=False)
+    runs = SubsetRetrainer(task.train, lambda w: torch.tensor(task.outputs(w), requires_grad=True), 60, 3,
+                           progress=False).run()
     assert runs.outputs.dtype == np.float64

@@ -26,7 +26,7 @@ from .errors import (
 )
 from .explain import explain, most_similar
 from .faithfulness import FaithfulnessResult, aggregate, faithfulness, format_mean_se
-from .lds import LDSResult, SubsetRetrainer, SubsetRuns, lds, margins, retrain_subsets, subset_masks
+from .lds import LDSResult, SubsetRetrainer, SubsetRuns, lds, margins, subset_masks
 from .sketch import FidelityReport, Projection, fidelity, fidelity_curve, output_probes
 from .surrogate import KernelRidgeSurrogate, KernelSurrogate, KernelSVMSurrogate
 
@@ -73,7 +73,6 @@ __all__ = [
     "LDSResult",
     "SubsetRetrainer",
     "SubsetRuns",
-    "retrain_subsets",
     "subset_masks",
     "margins",
     "__version__",

@@ -9,7 +9,7 @@ m between ``g_n(S_m)`` and ``f_n(S_m)``.
 
 Two pieces:
 
-* :class:`SubsetRetrainer` (and its one-call form :func:`retrain_subsets`) draws the seeded subsets,
+* :class:`SubsetRetrainer` draws the seeded subsets,
   calls the user's ``train_fn(indices, seed)`` and ``output_fn(model)`` on each, and returns the
   (M, N) masks and (M, n_targets) outputs as :class:`SubsetRuns`. With ``cache_dir`` every finished
   subset's outputs are written to the folder at once (atomically), so an interrupted run continues
@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.special import logsumexp
 
-from tangentlens.errors import InputError, NonFiniteError, StoreMismatchError
+from .errors import InputError, NonFiniteError, StoreMismatchError
+from .faithfulness import _as_logits, log_odds64
 
 __all__ = [
     "LDSResult",
@@ -51,7 +51,6 @@ __all__ = [
     "SubsetRuns",
     "lds",
     "margins",
-    "retrain_subsets",
     "subset_masks",
     "subset_train_seed",
 ]
@@ -94,36 +93,15 @@ def margins(logits: ArrayLike, labels: ArrayLike) -> np.ndarray:
         InputError: non-numeric, empty or non-finite logits; labels of the wrong length or out of
             range.
     """
-    Z = _to_numpy(logits)
-    if Z.dtype.kind not in "fiu":
-        raise InputError(f"logits must be a numeric array, got dtype {Z.dtype}.")
-    Z = Z.astype(np.float64)
-    if Z.ndim == 1:
-        Z = Z[:, None]
-    if Z.ndim != 2 or Z.shape[0] == 0:
-        raise InputError(f"logits must be (n,) or (n, C) with n >= 1, got shape {Z.shape}.")
-    if not np.all(np.isfinite(Z)):
-        raise InputError("logits contain NaN or inf values; pass finite logits.")
-    if Z.shape[1] == 1:
-        Z = np.concatenate([np.zeros_like(Z), Z], axis=1)
-    n, C = Z.shape
+    Z = _as_logits(logits, "logits")
     y = _to_numpy(labels)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    if y.ndim != 1 or y.shape[0] != n:
-        raise InputError(f"labels must be (n,) = ({n},) to match the logits' rows, got shape {y.shape}.")
-    if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-        y = y.astype(np.int64)
-    if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= C:
+    if y.ndim != 1 or y.shape[0] != Z.shape[0]:
         raise InputError(
-            f"labels must be integer class positions in 0..{C - 1} (the logit columns); got dtype "
-            f"{y.dtype} and values in [{y.min()}, {y.max()}]. Map labels with np.searchsorted(classes, y)."
+            f"labels must be (n,) = ({Z.shape[0]},) to match the logits' rows, got shape {y.shape}."
         )
-    y = y.astype(np.int64)
-    rows = np.arange(n)
-    others = Z.copy()
-    others[rows, y] = -np.inf
-    return Z[rows, y] - logsumexp(others, axis=1)
+    return log_odds64(Z, y)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,22 +457,6 @@ class SubsetRetrainer:
         outputs = np.stack([self._outputs[m] for m in range(self.n_subsets)])
         return SubsetRuns(masks=self.masks.copy(), outputs=outputs, alpha=self.alpha, seed=self.seed,
                           n_trained=n_trained, n_loaded=n_loaded)
-
-
-def retrain_subsets(
-    train_fn: Callable[[np.ndarray, int], Any],
-    output_fn: Callable[[Any], ArrayLike],
-    n_train: int,
-    n_subsets: int,
-    *,
-    alpha: float = 0.5,
-    seed: int = 0,
-    cache_dir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-) -> SubsetRuns:
-    """``SubsetRetrainer(...).run()`` in one call; see :class:`SubsetRetrainer` for the arguments."""
-    return SubsetRetrainer(train_fn, output_fn, n_train, n_subsets, alpha=alpha, seed=seed,
-                           cache_dir=cache_dir, progress=progress).run()
 
 
 # --------------------------------------------------------------------------------------------------
