@@ -35,7 +35,7 @@ from .model import (
     resolve_device,
     select_parameters,
 )
-from .sketch import Projection, available_bytes, check_memory, output_probes
+from .sketch import Projection, available_bytes, check_memory, format_bytes, output_probes
 
 DEFAULT_CACHE_BYTES: int | None = None  # None: half of the memory budget
 DEFAULT_MEMORY_BUDGET: int | None = None  # None: a quarter of the memory available when the call starts
@@ -345,13 +345,13 @@ class _Engine:
             if plan.fits < min(self.limit, blk.size):
                 what.append(
                     f"captures {plan.fits} examples at a time instead of batch_size={self.limit} "
-                    f"(≈ {_size(plan.working)} of working memory per example)"
+                    f"(≈ {format_bytes(plan.working)} of working memory per example)"
                 )
             if plan.dropped:
                 what.append(f"keeps the factored form of {len(plan.dropped)} layers so that the captures "
                             "of all examples fit the cache")
             warnings.warn(
-                f"To stay within its memory budget of {_size(self.budget.total)} the call "
+                f"To stay within its memory budget of {format_bytes(self.budget.total)} the call "
                 f"{' and '.join(what)}. Pass memory_budget= (bytes) to change the budget.",
                 MemoryBudgetWarning,
                 stacklevel=5,
@@ -377,14 +377,6 @@ class _Engine:
 
 
 _WHOLE_TRIAL = 64  # first blocks up to this size are planned from their own capture (no separate trial)
-
-
-def _size(n: float) -> str:
-    """Bytes as a short human figure: '3.2 MiB', '1.50 GiB'."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.1f} {unit}"
-    return f"{int(n)} bytes"
 
 
 def _validate_common(

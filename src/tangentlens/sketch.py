@@ -313,8 +313,12 @@ def available_bytes(device: torch.device | str) -> int | None:
     return avail
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
+def format_bytes(n: float) -> str:
+    """Bytes as a short human figure: '512 bytes', '3.2 MiB', '1.50 GiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def check_memory(
@@ -338,7 +342,7 @@ def check_memory(
     if avail is not None and nbytes > avail:
         text = fix(avail) if callable(fix) else fix
         raise MemoryBudgetError(
-            f"{what} would need {_gib(nbytes)} but only {_gib(avail)} are available on "
+            f"{what} would need {format_bytes(nbytes)} but only {format_bytes(avail)} are available on "
             f"{torch.device(device)}; nothing was allocated. {text[0].upper() + text[1:]}."
         )
 
