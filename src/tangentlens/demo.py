@@ -596,7 +596,8 @@ def _verdict(
             "pieces of each decision, not all of it."
         )
     text += f" Network and surrogate predict different classes on {dis} of {n_test} test digits"
-    in_gallery = [i for i in gallery_rows if i in set(expl.disagreements)]
+    disagree = set(expl.disagreements)
+    in_gallery = [i for i in gallery_rows if i in disagree]
     if in_gallery:
         text += (f"; the gallery shows {len(in_gallery)} of them (test digit"
                  f"{'s' if len(in_gallery) > 1 else ''} {', '.join(map(str, in_gallery))}, marked ✗).")
