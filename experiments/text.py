@@ -49,7 +49,7 @@ from torch import nn  # noqa: E402
 from tangentlens.api import kernel  # noqa: E402
 from tangentlens.datasets.text import read_spam_assassin  # noqa: E402
 from tangentlens.faithfulness import aggregate, faithfulness, format_mean_se  # noqa: E402
-from tangentlens.gram import cosine_normalize  # noqa: E402
+from tangentlens.kinds import cosine_normalize  # noqa: E402
 from tangentlens.surrogate import KernelSurrogate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tangentlens as tl
-import tangentlens.sketch as sketch
+import tangentlens.memory as memory
 from tangentlens import Projection
 from tangentlens.errors import (
     DeviceError,
@@ -281,14 +281,14 @@ def test_huge_projection_dim_fails_before_allocating(mlp: nn.Module, monkeypatch
     for dim in (0, -3, 2.5, True):
         with pytest.raises(InputError, match="projection dimension"):
             Projection(dim)  # type: ignore[arg-type]
-    if sketch.available_bytes("cpu") is not None:  # the real machine: ~440 GB of tiles and rows
+    if memory.available_bytes("cpu") is not None:  # the real machine: ~440 GB of tiles and rows
         fix = "smaller projection dim.*kind='sjlt' or 'kronecker'"
         with pytest.raises(MemoryBudgetError, match=fix) as e:
             tl.kernel(mlp, X, projection=Projection(10**9))
         assert isinstance(e.value, InputError) and isinstance(e.value, MemoryError)
         assert "nothing was allocated" in str(e.value)
     # deterministic: 100 MiB free; a 2^20-dim dense projection needs ~0.5 GiB of tiles and rows
-    monkeypatch.setattr(sketch, "available_bytes", lambda device: 100 * 2**20)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 100 * 2**20)
     with pytest.raises(MemoryBudgetError, match=r"Projection\(dim=1,048,576, kind='rademacher'\)"):
         tl.features(mlp, X, projection=Projection(2**20))
     with pytest.raises(MemoryBudgetError, match="smaller projection dim") as e:

@@ -249,7 +249,7 @@ def test_batch_size_invariance_and_input_forms() -> None:
     sym_recomputed = tl.kernel(m, x, kind="trntk", dtype=torch.float64, batch_size=3, cache_bytes=0)
     torch.testing.assert_close(sym_recomputed, ref)
     # the default budget follows the free memory; explicit budgets are taken as given
-    from tangentlens.api import _budget
+    from tangentlens.memory import resolve_budget as _budget
 
     cpu = torch.device("cpu")
     b = _budget(None, None, cpu)

@@ -12,247 +12,32 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .capture import BlockCapture, DenseCap, GradientCapture, OuterCap
+from .capture import ActivationCapture, BlockCapture, DenseCap, GradientCapture, OuterCap
 from .errors import InputError, MemoryBudgetWarning, NonFiniteError
-from .gram import KindSpec, block_gram, block_sqnorms, check_options, cosine_normalize, kind_spec
 from .inputs import Batch, Block, Source, batch_size_of, move_batch
-from .model import (
+from .kinds import KindSpec, block_gram, block_sqnorms, check_options, cosine_normalize, kind_spec
+from .memory import Budget, check_memory, format_bytes, resolve_budget
+from .network import (
     HookStash,
     ParameterSpec,
-    call_model,
     check_materialized,
     eval_mode,
-    extract_logits,
     place,
     prepared,
     requiring_grad,
     resolve_device,
     select_parameters,
 )
-from .sketch import Projection, available_bytes, check_memory, format_bytes, output_probes
+from .probes import LabelSpec, check_label_modes, labels_mode, make_probe_fn
+from .sketch import Projection
 
 DEFAULT_CACHE_BYTES: int | None = None  # None: half of the memory budget
 DEFAULT_MEMORY_BUDGET: int | None = None  # None: a quarter of the memory available when the call starts
-
-
-@dataclass(frozen=True)
-class _Budget:
-    """One call's memory budget, split between the column-capture cache and one block's working set."""
-
-    total: int
-    cache: int
-    work: int
-
-
-def _budget(memory_budget: int | None, cache_bytes: int | None, device: torch.device) -> _Budget:
-    """Resolve the memory budget: ``memory_budget`` bytes, or a quarter of the memory available now on
-    ``device`` (at least 512 MiB; 4 GiB where it cannot be told). Half of it bounds the working set of a
-    block, the other half (or ``cache_bytes``) the cache of captures."""
-    if memory_budget is not None:
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
-            raise InputError(f"memory_budget must be a positive number of bytes; got {memory_budget!r}.")
-        total = memory_budget
-    else:
-        avail = available_bytes(device)
-        total = max(avail // 4, 2**29) if avail is not None else 4 * 2**30
-    if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
-                                    or cache_bytes < 0):
-        raise InputError(f"cache_bytes must be a non-negative number of bytes; got {cache_bytes!r}.")
-    cache = total // 2 if cache_bytes is None else cache_bytes
-    return _Budget(total, cache, max(total - total // 2, 1))
-
-
-LabelSpec = Any  # tensor-like labels, or the string "predicted"
-
-
-# --------------------------------------------------------------------------------------------------
-# Probes
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_labels(y: Tensor | None, C: int, kind: str = "gradcos") -> Tensor:
-    if y is None:
-        what = "the margin" if kind == "margin" else "the loss"
-        raise InputError(
-            f"kind={kind!r} differentiates {what} and needs labels: pass labels=... (and other_labels=... "
-            "for `other`), (inputs, labels) pairs, or labels='predicted' to use the network's predictions."
-        )
-    y = y.reshape(-1)
-    if C == 1:
-        if not bool(((y == 0) | (y == 1)).all()):
-            raise InputError("With one logit (binary model) labels must be 0 or 1.")
-        return y
-    if y.is_floating_point() and not bool((y == y.round()).all()):
-        raise InputError("Labels must be integer class indices.")
-    y = y.long()
-    if bool((y < 0).any()) or bool((y >= C).any()):
-        raise InputError(f"Labels must lie in [0, {C - 1}] for a model with {C} logits.")
-    return y
-
-
-def make_probe_fn(spec: KindSpec, probes: int | Tensor | None, seed: int, predicted: bool):
-    """Probe vectors (B, M, C) for a kind: what is differentiated in the backward passes.
-
-    * one-hot (M = C): g_c = ∇f_c, the rows of the Jacobian (trace NTK, eNTK);
-    * sum (M = 1): ∇ Σ_c f_c / √C, so ⟨·,·⟩ = (1/C)⟨Σ_c g_c, Σ_c g_c⟩ (pseudo-NTK);
-    * loss (M = 1): ∂L/∂f = softmax(f) − onehot(y) (sigmoid(f) − y for one logit), the chain rule's loss
-      gradient ∇_θ L(x, y);
-    * margin (M = 1): ∂m/∂f of TRAK's margin m = f_y − logsumexp_{c≠y} f_c = log(p_y / (1 − p_y)):
-      U_y = 1, U_c = −softmax_{c≠y}(f)_c (the softmax over the other classes); for one logit
-      m = ±f (+ for y = 1, − for y = 0), U = 2y − 1, the same log-odds of the label;
-    * ``probes=m`` (M = m, sketched trace): Rademacher vectors v_k / √m, Σ_k ⟨v_k J, v_k J'⟩ is unbiased
-      for Tr(J J'ᵀ); a tensor (M, C) is used as given.
-    """
-
-    def fn(logits: Tensor, y: Tensor | None) -> Tensor:
-        B, C = logits.shape
-        if spec.probes in ("loss", "margin"):
-            if predicted:
-                yy = (logits[:, 0] > 0).to(logits.dtype) if C == 1 else logits.argmax(1)
-            else:
-                yy = _check_labels(None if y is None else y.to(logits.device), C, spec.name)
-            if spec.probes == "margin":
-                return _margin_probe(logits, yy)[:, None, :]
-            if C == 1:
-                v = torch.sigmoid(logits) - yy.reshape(-1, 1).to(logits.dtype)
-            else:
-                v = torch.softmax(logits, 1) - torch.nn.functional.one_hot(yy.long(), C).to(logits.dtype)
-            return v[:, None, :]
-        if probes is not None:
-            if isinstance(probes, Tensor):
-                P = probes.to(device=logits.device, dtype=logits.dtype)
-                if P.dim() != 2 or P.shape[1] != C:
-                    raise InputError(f"probes must have shape (M, {C}); got {tuple(P.shape)}.")
-            else:
-                P = output_probes(C, probes, seed, dtype=torch.float64).to(logits.device, logits.dtype)
-            return P[None].expand(B, -1, -1)
-        if spec.probes == "sum":
-            return logits.new_full((B, 1, C), 1.0 / math.sqrt(C))
-        return torch.eye(C, dtype=logits.dtype, device=logits.device)[None].expand(B, C, C)
-
-    return fn
-
-
-def _margin_probe(logits: Tensor, y: Tensor) -> Tensor:
-    """(B, C) derivative of the margin m = f_y − logsumexp_{c≠y} f_c with respect to the logits f.
-
-    U_y = 1 and U_c = −exp(f_c) / Σ_{c'≠y} exp(f_c') for c ≠ y; with one logit U = 2y − 1 (m = ±f)."""
-    B, C = logits.shape
-    if C == 1:
-        return (2 * y.reshape(-1, 1) - 1).to(logits.dtype)
-    hot = torch.nn.functional.one_hot(y.long(), C).to(torch.bool)
-    others = torch.softmax(logits.detach().masked_fill(hot, float("-inf")), 1)
-    return hot.to(logits.dtype) - others
-
-
-# --------------------------------------------------------------------------------------------------
-# Forward-only (embedding and conjugate kernel) captures
-# --------------------------------------------------------------------------------------------------
-
-
-class ActivationCapture:
-    """Forward hooks recording flattened activations: module outputs (Em) or the last Linear's input (CK)."""
-
-    def __init__(self, model: nn.Module, kind: str, modules: Sequence[str | nn.Module] | None) -> None:
-        self.model = model
-        self.kind = kind
-        self.store: dict[str, list[Tensor]] = {}
-        self.handles: list[Any] = []
-        self.names: list[str] = []
-        named = dict(model.named_modules())
-        by_obj = {id(m): n for n, m in named.items()}
-        order: list[str] = []
-        probe_handles = []
-        if modules is None or kind == "ck":
-            # learn the call order of the candidate modules from the first forward
-            for n, m in named.items():
-                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
-                    probe_handles.append(m.register_forward_hook(
-                        lambda mod, a, o, n=n: order.append(n) if n not in order else None))
-            self._order = order
-            self._probe_handles = probe_handles
-            self.modules: list[str] | None = None
-        else:
-            sel = []
-            for m in modules:
-                if isinstance(m, str):
-                    if m not in named:
-                        raise InputError(f"No module named {m!r} in the model.")
-                    sel.append(m)
-                elif isinstance(m, nn.Module) and id(m) in by_obj:
-                    sel.append(by_obj[id(m)])
-                else:
-                    raise InputError("modules= must list module names or modules of the model.")
-            self.modules = sel
-            self._probe_handles = []
-            self._install(sel)
-
-    def _install(self, names: list[str]) -> None:
-        named = dict(self.model.named_modules())
-        self.names = names
-        for n in names:
-            if self.kind == "ck":
-                h = named[n].register_forward_hook(
-                    lambda mod, a, o, n=n: self.store.setdefault(n, []).append(
-                        a[0].detach().reshape(a[0].shape[0], -1)))
-            else:
-                h = named[n].register_forward_hook(
-                    lambda mod, a, o, n=n: self.store.setdefault(n, []).append(
-                        _first_tensor(o).detach().reshape(_first_tensor(o).shape[0], -1)))
-            self.handles.append(h)
-
-    def close(self) -> None:
-        for h in self.handles + self._probe_handles:
-            h.remove()
-
-    def capture(self, x: Batch) -> BlockCapture:
-        B = batch_size_of(x)
-        self.store = {}
-        with torch.no_grad():
-            extract_logits(call_model(self.model, x), B)  # validates the output
-        if self.modules is None and not self.names:
-            for h in self._probe_handles:
-                h.remove()
-            self._probe_handles = []
-            linears = [n for n in self._order if isinstance(dict(self.model.named_modules())[n], nn.Linear)]
-            if self.kind == "ck":
-                if not linears:
-                    raise InputError("kind='ck' needs a final nn.Linear layer (its input is the feature).")
-                chosen = [linears[-1]]
-            else:
-                chosen = [n for n in self._order if n != (linears[-1] if linears else None)]
-                if not chosen:
-                    raise InputError("kind='em' found no layer outputs to use; pass modules=[...].")
-            self._install(chosen)
-            return self.capture(x)
-        caps = []
-        for n in self.names:
-            parts = self.store.get(n)
-            if not parts:
-                raise InputError(f"Module {n!r} was not called during the forward pass.")
-            a = torch.cat(parts, 1)
-            if not torch.isfinite(a).all():
-                raise NonFiniteError(f"NaN or infinite activations in module {n!r}.")
-            caps.append(DenseCap(n, {n: a[:, None, :]}, {n: (a.shape[1],)}))
-        return BlockCapture(caps, B)
-
-
-def _first_tensor(o: Any) -> Tensor:
-    if isinstance(o, Tensor):
-        return o
-    if isinstance(o, (tuple, list)) and o and isinstance(o[0], Tensor):
-        return o[0]
-    if hasattr(o, "last_hidden_state"):
-        return o.last_hidden_state
-    raise InputError(
-        f"Cannot use the output of type {type(o).__name__} as an embedding; choose other modules."
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,7 +66,7 @@ class _Engine:
         probe_seed: int,
         predicted: bool,
         modules: Sequence[str | nn.Module] | None,
-        budget: _Budget,
+        budget: Budget,
         limit: int,
         verify: bool = True,
         materialize: str = "chosen",
@@ -404,34 +189,6 @@ def _validate_common(
     return spec, spec.normalize if normalize is None else bool(normalize)
 
 
-def _labels_mode(labels: LabelSpec) -> tuple[Any, bool]:
-    if isinstance(labels, str):
-        if labels != "predicted":
-            raise InputError(f"labels must be a tensor of class indices or 'predicted'; got {labels!r}.")
-        return None, True
-    return labels, False
-
-
-def _check_label_modes(
-    rows: Source, rows_predicted: bool, cols_predicted: bool, names: tuple[str, str], warn: bool = True
-) -> None:
-    """Grad-Cos of a rows × columns block: true labels of the rows (the points a surrogate explains) leak
-    into it — warned whenever the rows' source yields labels (a ``labels=`` tensor, an ``(x, y)`` pair, or
-    a Dataset / DataLoader whose items carry labels); both sides must use the same label mode.
-    ``names``: the rows' and columns' label arguments. ``warn=False`` (the margin kind, whose true test
-    labels define the attributed output rather than leak into a surrogate) only checks the modes."""
-    if warn and not rows_predicted and rows.yields_labels:
-        warnings.warn(
-            f"kind='gradcos' with true labels for the rows ({names[0]}) leaks them into a surrogate for "
-            f"those points (the reference saw +5 pp accuracy). Use {names[0]}='predicted' and "
-            f"{names[1]}='predicted' for an honest surrogate.",
-            UserWarning,
-            stacklevel=3,
-        )
-    if rows_predicted != cols_predicted:
-        raise InputError(f"Use {names[0]}='predicted' and {names[1]}='predicted', or true labels for both.")
-
-
 def kernel(
     model: nn.Module,
     inputs: Any,
@@ -537,11 +294,11 @@ def kernel(
     )
     if other is inputs and (other_labels is labels or (isinstance(labels, str) and other_labels == labels)):
         other, other_labels = None, None  # K(x, x): the symmetric case (upper triangle, one capture pass)
-    lab1, pred1 = _labels_mode(labels)
-    lab2, pred2 = _labels_mode(other_labels)
+    lab1, pred1 = labels_mode(labels)
+    lab2, pred2 = labels_mode(other_labels)
     src1 = Source(inputs, batch_size, lab1, "inputs")
     if spec.needs_labels and other is not None:
-        _check_label_modes(src1, pred1, pred2, ("labels", "other_labels"), warn=spec.name == "gradcos")
+        check_label_modes(src1, pred1, pred2, ("labels", "other_labels"), warn=spec.name == "gradcos")
     if projection is not None:
         return _projected_kernel(
             model, inputs, other, spec=spec, norm=norm, parameters=parameters, batch_size=batch_size,
@@ -615,11 +372,11 @@ def train_test_kernels(
         probe_seed=probe_seed, labels=labels, test_labels=test_labels, modules=modules,
         implementation=implementation,
     )
-    lab_tr, pred_tr = _labels_mode(labels)
-    lab_te, pred_te = _labels_mode(test_labels)
+    lab_tr, pred_tr = labels_mode(labels)
+    lab_te, pred_te = labels_mode(test_labels)
     src_te = Source(test, batch_size, lab_te, "test")
     if spec.needs_labels:
-        _check_label_modes(src_te, pred_te, pred_tr, ("test_labels", "labels"),
+        check_label_modes(src_te, pred_te, pred_tr, ("test_labels", "labels"),
                               warn=spec.name == "gradcos")
     if projection is not None:
         if by_layer:
@@ -669,7 +426,7 @@ def _engine(
             eng = _Engine(
                 work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt, probes=probes,
                 probe_seed=probe_seed, predicted=predicted, modules=modules,
-                budget=_budget(memory_budget, cache_bytes, dev), limit=batch_size,
+                budget=resolve_budget(memory_budget, cache_bytes, dev), limit=batch_size,
                 implementation=implementation,
             )
             try:
@@ -943,7 +700,7 @@ def _feature_setup(
         kind, batch_size, normalize, device, parameters=parameters, projection=projection, probes=probes,
         probe_seed=probe_seed, labels=labels, modules=modules, implementation=implementation,
     )
-    lab, pred = _labels_mode(labels)
+    lab, pred = labels_mode(labels)
     return spec, norm, Source(inputs, batch_size, lab, "inputs"), pred
 
 
@@ -996,7 +753,7 @@ def _feature_blocks(
                             eng = _Engine(
                                 work, spec, parameters=list(sel) if sel else None, device=dev, dtype=dt,
                                 probes=probes, probe_seed=probe_seed, predicted=pred, modules=modules,
-                                budget=_budget(memory_budget, None, dev), limit=src.batch_size,
+                                budget=resolve_budget(memory_budget, None, dev), limit=src.batch_size,
                                 materialize=materialize, implementation=implementation,
                             )
                         if eng.block is None:
@@ -1133,7 +890,7 @@ def _feature_kernel(F1: Tensor, F2: Tensor | None, spec: KindSpec, norm: bool) -
 
 def available_kinds() -> list[str]:
     """Names of the kernel kinds."""
-    from .gram import KINDS
+    from .kinds import KINDS
 
     return sorted(KINDS)
 

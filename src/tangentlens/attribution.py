@@ -33,10 +33,11 @@ import torch
 from numpy.typing import ArrayLike
 from torch import Tensor, nn
 
-from .api import DEFAULT_MEMORY_BUDGET, _check_labels, _labels_mode, features, train_test_kernels
+from .api import DEFAULT_MEMORY_BUDGET, features, train_test_kernels
 from .errors import InputError, NonFiniteError
 from .inputs import Source, move_batch
-from .model import ParameterSpec, call_model, extract_logits, prepared
+from .network import ParameterSpec, call_model, extract_logits, prepared
+from .probes import check_labels, labels_mode
 from .sketch import Projection
 
 __all__ = ["DEFAULT_LAM_SCALE", "TopAttributions", "attribute", "kglm_contributions", "top_attributions"]
@@ -169,7 +170,7 @@ def _check_lam(lam: Any) -> float | None:
 
 
 def _is_predicted(labels: Any) -> bool:
-    return _labels_mode(labels)[1]
+    return labels_mode(labels)[1]
 
 
 def _source_labels(src: Source) -> Tensor | None:
@@ -217,7 +218,7 @@ def _resolve_labels(labels: Any, logits: Sequence[Tensor], from_src: Tensor | No
 def _q(z: Tensor, y: Tensor) -> Tensor:
     """q_i = 1 − p_{y_i}(x_i) (N,) float64 from logits (N, C); sigmoid for one logit."""
     C = z.shape[1]
-    y = _check_labels(y, C, "margin")
+    y = check_labels(y, C, "margin")
     if C == 1:
         sign = 2 * y.to(z.dtype) - 1
         return torch.sigmoid(-sign * z[:, 0])

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from .errors import InputError, NonFiniteError, UnsupportedLayerError, UnsupportedLayerWarning
 from .inputs import Batch, batch_size_of, slice_batch
-from .model import call_model, extract_logits
+from .network import call_model, extract_logits
 
 ProbeFn = Callable[[Tensor, "Tensor | None"], Tensor]
 """Maps detached logits (B, C) and labels (B,) or None to probe vectors (B, M, C)."""
@@ -1043,3 +1043,107 @@ class GradientCapture:
                     bad.append(rule)
                     break
         return bad
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward-only (embedding and conjugate kernel) captures
+# --------------------------------------------------------------------------------------------------
+
+
+class ActivationCapture:
+    """Forward hooks recording flattened activations: module outputs (Em) or the last Linear's input (CK)."""
+
+    def __init__(self, model: nn.Module, kind: str, modules: Sequence[str | nn.Module] | None) -> None:
+        self.model = model
+        self.kind = kind
+        self.store: dict[str, list[Tensor]] = {}
+        self.handles: list[Any] = []
+        self.names: list[str] = []
+        named = dict(model.named_modules())
+        by_obj = {id(m): n for n, m in named.items()}
+        order: list[str] = []
+        probe_handles = []
+        if modules is None or kind == "ck":
+            # learn the call order of the candidate modules from the first forward
+            for n, m in named.items():
+                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
+                    probe_handles.append(m.register_forward_hook(
+                        lambda mod, a, o, n=n: order.append(n) if n not in order else None))
+            self._order = order
+            self._probe_handles = probe_handles
+            self.modules: list[str] | None = None
+        else:
+            sel = []
+            for m in modules:
+                if isinstance(m, str):
+                    if m not in named:
+                        raise InputError(f"No module named {m!r} in the model.")
+                    sel.append(m)
+                elif isinstance(m, nn.Module) and id(m) in by_obj:
+                    sel.append(by_obj[id(m)])
+                else:
+                    raise InputError("modules= must list module names or modules of the model.")
+            self.modules = sel
+            self._probe_handles = []
+            self._install(sel)
+
+    def _install(self, names: list[str]) -> None:
+        named = dict(self.model.named_modules())
+        self.names = names
+        for n in names:
+            if self.kind == "ck":
+                h = named[n].register_forward_hook(
+                    lambda mod, a, o, n=n: self.store.setdefault(n, []).append(
+                        a[0].detach().reshape(a[0].shape[0], -1)))
+            else:
+                h = named[n].register_forward_hook(
+                    lambda mod, a, o, n=n: self.store.setdefault(n, []).append(
+                        _first_tensor(o).detach().reshape(_first_tensor(o).shape[0], -1)))
+            self.handles.append(h)
+
+    def close(self) -> None:
+        for h in self.handles + self._probe_handles:
+            h.remove()
+
+    def capture(self, x: Batch) -> BlockCapture:
+        B = batch_size_of(x)
+        self.store = {}
+        with torch.no_grad():
+            extract_logits(call_model(self.model, x), B)  # validates the output
+        if self.modules is None and not self.names:
+            for h in self._probe_handles:
+                h.remove()
+            self._probe_handles = []
+            linears = [n for n in self._order if isinstance(dict(self.model.named_modules())[n], nn.Linear)]
+            if self.kind == "ck":
+                if not linears:
+                    raise InputError("kind='ck' needs a final nn.Linear layer (its input is the feature).")
+                chosen = [linears[-1]]
+            else:
+                chosen = [n for n in self._order if n != (linears[-1] if linears else None)]
+                if not chosen:
+                    raise InputError("kind='em' found no layer outputs to use; pass modules=[...].")
+            self._install(chosen)
+            return self.capture(x)
+        caps = []
+        for n in self.names:
+            parts = self.store.get(n)
+            if not parts:
+                raise InputError(f"Module {n!r} was not called during the forward pass.")
+            a = torch.cat(parts, 1)
+            if not torch.isfinite(a).all():
+                raise NonFiniteError(f"NaN or infinite activations in module {n!r}.")
+            caps.append(DenseCap(n, {n: a[:, None, :]}, {n: (a.shape[1],)}))
+        return BlockCapture(caps, B)
+
+
+def _first_tensor(o: Any) -> Tensor:
+    if isinstance(o, Tensor):
+        return o
+    if isinstance(o, (tuple, list)) and o and isinstance(o[0], Tensor):
+        return o[0]
+    if hasattr(o, "last_hidden_state"):
+        return o.last_hidden_state
+    raise InputError(
+        f"Cannot use the output of type {type(o).__name__} as an embedding; choose other modules."
+    )

@@ -25,12 +25,11 @@ from .inputs import Batch
 
 ParameterSpec = None | str | nn.Module | nn.Parameter | Iterable[str | nn.Module | nn.Parameter]
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# the library modules whose code runs inside the model's forward (hooks) or calls it: an exception raised
-# in one of them is the library's own, not the model's, and is never re-labelled as bad input
-_ENGINE_FILES = frozenset(
-    os.path.join(_HERE, f) for f in ("api.py", "capture.py", "gram.py", "inputs.py", "model.py", "sketch.py")
-)
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# the library's code runs inside the model's forward (hooks) or calls it: an exception raised in one of its
+# files is the library's own, not the model's, and is never re-labelled as bad input. The demo's network is
+# a user model like any other.
+_USER_MODEL_FILES = frozenset({os.path.join(_PACKAGE, "demo.py")})
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
 _DTYPE_WORDS = re.compile(r"dtype|scalar type|type \(|\b(Long|Int|Float|Double|Half|BFloat16|Bool)\b")
 _OOM_ERRORS: tuple[type[BaseException], ...] = (
@@ -69,7 +68,8 @@ def _raised_by_engine(tb: TracebackType | None) -> bool:
     rather than in the user's model: any frame below ``call_model``'s own lies in an engine module."""
     tb = tb.tb_next if tb is not None else None  # skip call_model's frame
     while tb is not None:
-        if os.path.abspath(tb.tb_frame.f_code.co_filename) in _ENGINE_FILES:
+        f = os.path.abspath(tb.tb_frame.f_code.co_filename)
+        if f.startswith(_PACKAGE) and f not in _USER_MODEL_FILES:
             return True
         tb = tb.tb_next
     return False
