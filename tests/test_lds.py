@@ -70,7 +70,12 @@ def test_planted_linear_datamodel_gives_lds_one():
     assert r.ci_low <= r.mean <= r.ci_high and r.ci_high <= 1.0
     assert r.se < 0.01
     assert r.per_target.shape == (40,) and r.n_used == 40 and r.excluded_reason is None
-    # invariant to positive per-target scaling and a per-target shift (all subsets have the same size)
+
+
+def test_lds_is_invariant_to_positive_scaling_and_shift_of_a_row():
+    # all subsets have the same size, so a per-target shift adds the same constant to every prediction
+    masks, outputs, true = _planted()
+    r = lds(true, masks, outputs)
     scaled = true * np.linspace(0.5, 3.0, 40)[:, None] + 7.0
     assert_allclose(lds(scaled, masks, outputs).per_target, r.per_target, atol=1e-12)
 
@@ -102,23 +107,41 @@ def test_bootstrap_is_seeded():
     c = lds(true, masks, outputs, seed=5)
     assert (a.ci_low, a.ci_high) == (b.ci_low, b.ci_high)
     assert (a.ci_low, a.ci_high) != (c.ci_low, c.ci_high)
+
+
+def test_higher_confidence_widens_the_interval():
+    masks, outputs, true = _planted(noise=5.0)
+    a = lds(true, masks, outputs, seed=4)
     wide = lds(true, masks, outputs, seed=4, confidence=0.99)
     assert wide.ci_low <= a.ci_low and wide.ci_high >= a.ci_high
 
 
-def test_constant_targets_are_excluded_and_counted():
+def _with_constant_targets():
+    """10 planted targets; target 2 has constant outputs, targets 5 and 7 constant predictions."""
     masks, outputs, true = _planted(n_targets=10)
     outputs[:, 2] = 3.0  # constant outputs
     scores = true.copy()
     scores[5] = 0.0  # constant (zero) predictions
     scores[7] = 0.37  # constant row: same sum on every subset up to rounding
-    r = lds(scores, masks, outputs)
+    return scores, masks, outputs
+
+
+def test_constant_targets_are_excluded_and_counted():
+    r = lds(*_with_constant_targets())
     assert r.n_constant_outputs == 1 and r.n_constant_predictions == 2 and r.n_used == 7
     assert np.isnan(r.per_target[[2, 5, 7]]).all()
     assert np.isfinite(np.delete(r.per_target, [2, 5, 7])).all()
     assert r.mean > 0.99
+
+
+def test_excluded_targets_are_reported():
+    r = lds(*_with_constant_targets())
     assert "3 of 10 targets left out" in r.excluded_reason
     assert "3 of 10" in str(r) and r.to_dict()["n_used"] == 7
+
+
+def test_no_usable_target_gives_nan():
+    _, masks, outputs = _with_constant_targets()
     none = lds(np.zeros((10, 200)), masks, outputs)
     assert none.n_used == 0 and np.isnan(none.mean) and np.isnan(none.ci_low)
 
@@ -140,19 +163,30 @@ def test_lds_bad_shapes(scores_shape, masks_shape, outputs_shape, match):
         lds(np.ones(scores_shape), masks, np.ones(outputs_shape))
 
 
-def test_lds_bad_values():
-    masks, outputs, true = _planted(n_train=20, n_subsets=5, n_targets=3)
-    with pytest.raises(InputError, match="boolean"):
-        lds(true, masks * 2, outputs)
-    bad = outputs.copy()
+def _nan_first(a: np.ndarray) -> np.ndarray:
+    bad = a.copy()
     bad[0, 0] = np.nan
-    with pytest.raises(InputError, match="NaN"):
-        lds(true, masks, bad)
-    with pytest.raises(InputError, match="confidence"):
-        lds(true, masks, outputs, confidence=1.5)
-    with pytest.raises(InputError, match="n_bootstrap"):
-        lds(true, masks, outputs, n_bootstrap=0)
-    # 0/1 integer masks and torch inputs are accepted
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda t, m, o: lds(t, m * 2, o), "boolean"),
+        (lambda t, m, o: lds(t, m, _nan_first(o)), "NaN"),
+        (lambda t, m, o: lds(t, m, o, confidence=1.5), "confidence"),
+        (lambda t, m, o: lds(t, m, o, n_bootstrap=0), "n_bootstrap"),
+    ],
+    ids=["masks", "nan", "confidence", "n_bootstrap"],
+)
+def test_lds_bad_values(call, match):
+    masks, outputs, true = _planted(n_train=20, n_subsets=5, n_targets=3)
+    with pytest.raises(InputError, match=match):
+        call(true, masks, outputs)
+
+
+def test_lds_accepts_integer_masks_and_torch_inputs():
+    masks, outputs, true = _planted(n_train=20, n_subsets=5, n_targets=3)
     r = lds(torch.tensor(true), masks.astype(np.int64), torch.tensor(outputs))
     assert_allclose(r.per_target, lds(true, masks, outputs).per_target)
 
@@ -160,30 +194,53 @@ def test_lds_bad_values():
 # --------------------------------------------------------------------------------------------------
 # margins and subsets
 # --------------------------------------------------------------------------------------------------
-def test_margins_match_formula_and_accept_torch():
+def _margin_case():
     rng = np.random.default_rng(0)
     Z = rng.normal(size=(7, 4)) * 30
     y = rng.integers(0, 4, size=7)
     want = [Z[n, y[n]] - logsumexp(np.delete(Z[n], y[n])) for n in range(7)]
+    return Z, y, want
+
+
+def test_margins_match_formula():
+    Z, y, want = _margin_case()
     assert_allclose(margins(Z, y), want, rtol=1e-13)
+
+
+def test_margins_accept_torch_and_return_float64():
+    Z, y, want = _margin_case()
     got = margins(torch.tensor(Z, dtype=torch.float32), torch.tensor(y))
     assert got.dtype == np.float64
     assert_allclose(got, want, rtol=1e-5)
+
+
+def test_margin_of_a_single_logit_is_plus_or_minus_z():
     assert_allclose(margins(np.array([2.0, -1.0]), np.array([1, 0])), [2.0, 1.0])
+
+
+def test_margins_bad_labels():
+    Z, y, _ = _margin_case()
     with pytest.raises(InputError, match="0..3"):
         margins(Z, y + 4)
     with pytest.raises(InputError, match="match the logits"):
         margins(Z, y[:3])
 
 
-def test_subset_masks_are_seeded_half_subsets():
+def test_subset_masks_hold_round_alpha_n_points():
     m = subset_masks(101, 6, seed=3)
     assert m.shape == (6, 101) and m.dtype == bool
     assert (m.sum(axis=1) == 50).all()  # round(0.5 * 101) = 50 (banker's rounding)
+    assert (subset_masks(40, 3, alpha=0.25).sum(axis=1) == 10).all()
+
+
+def test_subset_masks_are_seeded():
+    m = subset_masks(101, 6, seed=3)
     assert np.array_equal(m, subset_masks(101, 6, seed=3))
     assert np.array_equal(subset_masks(101, 10, seed=3)[:6], m)  # row m depends on (seed, m) only
     assert not np.array_equal(m, subset_masks(101, 6, seed=4))
-    assert (subset_masks(40, 3, alpha=0.25).sum(axis=1) == 10).all()
+
+
+def test_subset_train_seeds_differ():
     assert len({subset_train_seed(3, k) for k in range(50)}) == 50
 
 
@@ -218,7 +275,12 @@ def test_harness_in_memory_records_outputs():
         assert indices == tuple(np.flatnonzero(runs.masks[m]))
         assert seed == subset_train_seed(1, m)
         assert_allclose(runs.outputs[m], task.outputs(task.train(np.array(indices), seed)))
-    # a first-order influence attribution of the ridge predicts the retrained outputs; noise does not
+
+
+def test_influence_attribution_predicts_the_retrained_outputs():
+    # a first-order influence attribution of the ridge predicts the retrained outputs
+    task = Ridge()
+    runs = SubsetRetrainer(task.train, task.outputs, 60, 12, seed=1, progress=False).run()
     X, y, lam = task.X, task.y, task.lam
     H = X.T @ X * 0.5 + lam * np.eye(X.shape[1])
     w = np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ y)
@@ -226,35 +288,58 @@ def test_harness_in_memory_records_outputs():
     assert runs.lds(influence).mean > 0.5
 
 
-def test_interrupted_run_resumes_without_retraining(tmp_path):
-    n_train, M, k = 60, 10, 4
-    reference = Ridge()
-    full = SubsetRetrainer(reference.train, reference.outputs, n_train, M, seed=7, progress=False).run()
+N_TRAIN, M_SUBSETS, K_DONE = 60, 10, 4
 
-    first = Ridge(fail_after=k)
+
+def _interrupted_store(folder) -> Ridge:
+    """Run M_SUBSETS subsets into ``folder`` and interrupt the run after K_DONE of them."""
+    first = Ridge(fail_after=K_DONE)
     with pytest.raises(KeyboardInterrupt):
-        SubsetRetrainer(first.train, first.outputs, n_train, M, seed=7, cache_dir=tmp_path / "store",
+        SubsetRetrainer(first.train, first.outputs, N_TRAIN, M_SUBSETS, seed=7, cache_dir=folder,
                         progress=False).run()
-    assert len(first.calls) == k
+    return first
+
+
+def _uninterrupted():
+    reference = Ridge()
+    runs = SubsetRetrainer(reference.train, reference.outputs, N_TRAIN, M_SUBSETS, seed=7,
+                           progress=False).run()
+    return reference, runs
+
+
+def test_interrupted_run_keeps_the_finished_subsets(tmp_path):
+    first = _interrupted_store(tmp_path / "store")
+    assert len(first.calls) == K_DONE
     assert sorted(p.name for p in (tmp_path / "store").glob("subset_*.npz")) == [
-        f"subset_{m:06d}.npz" for m in range(k)
+        f"subset_{m:06d}.npz" for m in range(K_DONE)
     ]
     assert not list((tmp_path / "store").glob(".tmp-*"))  # no temporary file left behind
 
+
+def test_interrupted_run_resumes_without_retraining(tmp_path):
+    reference, full = _uninterrupted()
+    _interrupted_store(tmp_path / "store")
     second = Ridge()
-    retrainer = SubsetRetrainer(second.train, second.outputs, n_train, M, seed=7,
+    retrainer = SubsetRetrainer(second.train, second.outputs, N_TRAIN, M_SUBSETS, seed=7,
                                 cache_dir=tmp_path / "store", progress=False)
-    assert retrainer.completed == list(range(k))
+    assert retrainer.completed == list(range(K_DONE))
     runs = retrainer.run()
-    assert runs.n_loaded == k and runs.n_trained == M - k
-    assert second.calls == reference.calls[k:]  # only the unfinished subsets were trained
+    assert runs.n_loaded == K_DONE and runs.n_trained == M_SUBSETS - K_DONE
+    assert second.calls == reference.calls[K_DONE:]  # only the unfinished subsets were trained
     assert np.array_equal(runs.outputs, full.outputs)  # bit for bit
     assert np.array_equal(runs.masks, full.masks)
 
+
+def test_complete_store_trains_nothing(tmp_path):
+    _, full = _uninterrupted()
+    _interrupted_store(tmp_path / "store")
+    second = Ridge()
+    SubsetRetrainer(second.train, second.outputs, N_TRAIN, M_SUBSETS, seed=7, cache_dir=tmp_path / "store",
+                    progress=False).run()
     third = Ridge()
-    again = SubsetRetrainer(third.train, third.outputs, n_train, M, seed=7, cache_dir=tmp_path / "store",
-                            progress=False).run()
-    assert third.calls == [] and again.n_loaded == M
+    again = SubsetRetrainer(third.train, third.outputs, N_TRAIN, M_SUBSETS, seed=7,
+                            cache_dir=tmp_path / "store", progress=False).run()
+    assert third.calls == [] and again.n_loaded == M_SUBSETS
     assert np.array_equal(again.outputs, full.outputs)
 
 
@@ -293,12 +378,16 @@ def test_reopening_with_other_settings_raises(tmp_path, change, field):
     assert not any(f"{o}: the store has" in str(e.value) for o in others)
 
 
-def test_store_damage_is_reported(tmp_path):
+def test_damaged_subset_file_is_reported(tmp_path):
     task = Ridge()
     SubsetRetrainer(task.train, task.outputs, 60, 3, cache_dir=tmp_path, progress=False).run()
     (tmp_path / "subset_000001.npz").write_bytes(b"not a zip")
     with pytest.raises(StoreMismatchError, match="delete it to retrain subset 1"):
         SubsetRetrainer(task.train, task.outputs, 60, 3, cache_dir=tmp_path, progress=False)
+
+
+def test_subset_files_without_a_manifest_are_refused(tmp_path):
+    task = Ridge()
     orphan = tmp_path / "orphan"
     orphan.mkdir()
     (orphan / "subset_000000.npz").write_bytes(b"")
@@ -306,18 +395,29 @@ def test_store_damage_is_reported(tmp_path):
         SubsetRetrainer(task.train, task.outputs, 60, 3, cache_dir=orphan, progress=False)
 
 
-def test_bad_outputs_are_not_stored(tmp_path):
+def test_non_finite_outputs_are_not_stored(tmp_path):
     task = Ridge()
     with pytest.raises(NonFiniteError, match="subset 0"):
         SubsetRetrainer(task.train, lambda w: np.full(3, np.nan), 60, 3, cache_dir=tmp_path,
                         progress=False).run()
     assert not list(tmp_path.glob("subset_*.npz"))
+
+
+def test_outputs_of_changing_length_raise():
+    task = Ridge()
     lengths = iter([3, 4])
     with pytest.raises(InputError, match="same targets"):
         SubsetRetrainer(task.train, lambda w: np.zeros(next(lengths)), 60, 3, progress=False).run()
+
+
+def test_outputs_must_be_1d():
+    task = Ridge()
     with pytest.raises(InputError, match="1-D"):
         SubsetRetrainer(task.train, lambda w: np.zeros((2, 2)), 60, 3, progress=False).run()
-    # torch outputs with grad are accepted
+
+
+def test_torch_outputs_with_grad_are_accepted():
+    task = Ridge()
     runs = SubsetRetrainer(task.train, lambda w: torch.tensor(task.outputs(w), requires_grad=True), 60, 3,
                            progress=False).run()
     assert runs.outputs.dtype == np.float64

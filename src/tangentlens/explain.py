@@ -15,31 +15,25 @@ network and surrogate disagree. Every explained class reports its *coverage*: th
 logit's positive (negative) mass that the k listed proponents (opponents) carry -- often small,
 because a kernel machine's logit is a sum of many small, partly cancelling terms.
 
-Results are small frozen dataclasses whose ``to_dict()`` returns plain Python (ints, floats, str,
-lists, None), so consumers need neither numpy nor pandas.
+The results are the records of :mod:`tangentlens.explanation` (:class:`Explanation`,
+:class:`SimilarExamples`; coverage is defined on :class:`ClassExplanation`), whose ``to_dict()``
+returns plain Python.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from tangentlens.errors import InputError
+from .arrays import to_numpy
+from .errors import InputError
+from .explanation import Attribution, ClassExplanation, Explanation, PointExplanation, SimilarExamples
+from .logits import as_logits, class_positions
 
-__all__ = [
-    "Attribution",
-    "ClassExplanation",
-    "Explanation",
-    "PointExplanation",
-    "SimilarExamples",
-    "contributions",
-    "explain",
-    "most_similar",
-]
+__all__ = ["contributions", "explain", "most_similar"]
 
 
 class SurrogateLike(Protocol):
@@ -53,258 +47,8 @@ class SurrogateLike(Protocol):
     def contributions(self, K_test_train: ArrayLike) -> np.ndarray: ...
 
 
-def _py(v: Any) -> Any:
-    """numpy scalars -> python scalars (labels may be ints, floats or strings)."""
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-@dataclass(frozen=True)
-class Attribution:
-    """One training point's role in a prediction.
-
-    Attributes:
-        index: Position of the training point (row/column of the train x train kernel).
-        contribution: ``A_{c,i}(x) = W[c, i] * K[x, i]`` (:func:`most_similar`: the kernel value).
-        kernel: ``K[x, i]``, the kernel value between the test and the training point.
-        label: The training point's label when ``train_labels`` was given, else None.
-    """
-
-    index: int
-    contribution: float
-    kernel: float
-    label: Any = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-python dict."""
-        return {
-            "index": self.index,
-            "contribution": self.contribution,
-            "kernel": self.kernel,
-            "label": self.label,
-        }
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return None if den == 0.0 else float(num / den)
-
-
-@dataclass(frozen=True)
-class ClassExplanation:
-    """Top proponents and opponents of one class at one test point, and how much they carry.
-
-    With ``a_i = A_{c,i}(x)`` the N contributions to class ``c``, ``S+ = Σ_{a_i > 0} a_i`` and
-    ``S- = Σ_{a_i < 0} a_i`` (so ``S+ + S- = z_c(x) − b_c``), and ``P+`` / ``P-`` the top-k
-    proponents / opponents:
-
-    * ``coverage_pos = Σ_{i∈P+} a_i / S+`` -- the share of the positive mass that the top-k
-      proponents carry, in [0, 1] (``None`` when no contribution is positive);
-    * ``coverage_neg = Σ_{i∈P-} a_i / S-`` -- the same for the opponents and the negative mass,
-      in [0, 1] (``None`` when none is negative);
-    * ``coverage_logit = (Σ_{i∈P+} a_i + Σ_{i∈P-} a_i) / (z_c(x) − b_c)`` -- the share of the
-      logit (minus intercept) that the shown proponents and opponents sum to (``None`` when
-      ``z_c = b_c``). It is not confined to [0, 1]: when large positive and negative masses cancel
-      (a logit of +45 − 34 = 11) a few extreme contributions can sum to more than the logit, or
-      to the opposite sign.
-
-    A small ``coverage_pos`` means the explanation is spread over many training points and the
-    top-k list shows only a sliver of it.
-
-    Attributes:
-        class_index: Position of the class (column of the logits).
-        class_label: ``surrogate.classes_[class_index]``.
-        logit: The surrogate's logit ``z_c(x)``.
-        intercept: ``b_c``; ``logit - intercept`` is the sum of all N contributions.
-        proponents: Up to k training points with the largest positive contributions, largest
-            first (fewer if fewer are positive).
-        opponents: Up to k training points with the most negative contributions, most negative
-            first.
-        positive_total: ``S+``, the sum of all positive contributions (>= 0).
-        negative_total: ``S-``, the sum of all negative contributions (<= 0).
-    """
-
-    class_index: int
-    class_label: Any
-    logit: float
-    intercept: float
-    proponents: tuple[Attribution, ...]
-    opponents: tuple[Attribution, ...]
-    positive_total: float = 0.0
-    negative_total: float = 0.0
-
-    @property
-    def coverage_pos(self) -> float | None:
-        """``Σ top-k proponents / S+`` in [0, 1]; ``None`` when ``S+ = 0``."""
-        return _ratio(sum(a.contribution for a in self.proponents), self.positive_total)
-
-    @property
-    def coverage_neg(self) -> float | None:
-        """``Σ top-k opponents / S-`` in [0, 1]; ``None`` when ``S- = 0``."""
-        return _ratio(sum(a.contribution for a in self.opponents), self.negative_total)
-
-    @property
-    def coverage_logit(self) -> float | None:
-        """``(Σ top-k proponents + Σ top-k opponents) / (logit − intercept)``; ``None`` if 0/0."""
-        shown = sum(a.contribution for a in self.proponents + self.opponents)
-        return _ratio(shown, self.positive_total + self.negative_total)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-python dict (coverages are ``None`` where undefined)."""
-        return {
-            "class_index": self.class_index,
-            "class_label": self.class_label,
-            "logit": self.logit,
-            "intercept": self.intercept,
-            "positive_total": self.positive_total,
-            "negative_total": self.negative_total,
-            "coverage_pos": self.coverage_pos,
-            "coverage_neg": self.coverage_neg,
-            "coverage_logit": self.coverage_logit,
-            "proponents": [a.to_dict() for a in self.proponents],
-            "opponents": [a.to_dict() for a in self.opponents],
-        }
-
-
-@dataclass(frozen=True)
-class PointExplanation:
-    """Explanation of one test point.
-
-    Attributes:
-        test_index: Row of the test x train block.
-        predicted_index: Position of the surrogate's predicted class (argmax of its logits); also
-            available as ``surrogate_index``.
-        predicted_label: ``classes_[predicted_index]``.
-        classes: One :class:`ClassExplanation` per class selected with ``classes=``.
-        target_index: The class whose logit is explained (see ``target`` of :func:`explain`).
-        target_label: ``classes_[target_index]``.
-        target_source: ``"network"``, ``"surrogate"`` or ``"given"`` (an explicit class array).
-        network_index: Position of the network's predicted class (argmax of ``network_logits``;
-            ``z > 0`` for a single logit), ``None`` when no network logits were given.
-        network_label: ``classes_[network_index]`` or ``None``.
-        agrees: ``network_index == predicted_index``; ``None`` without network logits. Where it
-            is ``False`` the surrogate's logit of the network's class is not the surrogate's own
-            decision, and the explanation describes a model that decides differently.
-        target: The :class:`ClassExplanation` of ``target_index`` (always computed, whether or not
-            ``classes`` selects it); its coverages are this point's coverage figures.
-    """
-
-    test_index: int
-    predicted_index: int
-    predicted_label: Any
-    classes: tuple[ClassExplanation, ...]
-    target_index: int
-    target_label: Any
-    target_source: str
-    network_index: int | None
-    network_label: Any
-    agrees: bool | None
-    target: ClassExplanation
-
-    @property
-    def surrogate_index(self) -> int:
-        """The surrogate's predicted class position (= ``predicted_index``)."""
-        return self.predicted_index
-
-    @property
-    def coverage_pos(self) -> float | None:
-        """``target.coverage_pos``: share of the positive mass carried by the top-k proponents."""
-        return self.target.coverage_pos
-
-    @property
-    def coverage_neg(self) -> float | None:
-        """``target.coverage_neg``: share of the negative mass carried by the top-k opponents."""
-        return self.target.coverage_neg
-
-    @property
-    def coverage_logit(self) -> float | None:
-        """``target.coverage_logit``: share of ``z − b`` that the shown points sum to."""
-        return self.target.coverage_logit
-
-    def for_class(self, class_index: int) -> ClassExplanation:
-        """The explanation of class position ``class_index`` (the target's is always there)."""
-        for c in self.classes:
-            if c.class_index == class_index:
-                return c
-        if class_index == self.target_index:
-            return self.target
-        raise InputError(
-            f"class {class_index} was not explained for test point {self.test_index}."
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-python dict."""
-        return {
-            "test_index": self.test_index,
-            "predicted_index": self.predicted_index,
-            "predicted_label": self.predicted_label,
-            "target_index": self.target_index,
-            "target_label": self.target_label,
-            "target_source": self.target_source,
-            "network_index": self.network_index,
-            "network_label": self.network_label,
-            "agrees": self.agrees,
-            "coverage_pos": self.coverage_pos,
-            "coverage_neg": self.coverage_neg,
-            "coverage_logit": self.coverage_logit,
-            "target": self.target.to_dict(),
-            "classes": [c.to_dict() for c in self.classes],
-        }
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """Explanations of a set of test points (one :class:`PointExplanation` each, in row order)."""
-
-    points: tuple[PointExplanation, ...]
-    k: int
-
-    def __len__(self) -> int:
-        return len(self.points)
-
-    def __getitem__(self, i: int) -> PointExplanation:
-        return self.points[i]
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self.points)
-
-    @property
-    def disagreements(self) -> list[int]:
-        """Test indices where the network and the surrogate predict different classes."""
-        return [p.test_index for p in self.points if p.agrees is False]
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"k": int, "points": [...]}``, plain python."""
-        return {"k": self.k, "points": [p.to_dict() for p in self.points]}
-
-
-@dataclass(frozen=True)
-class SimilarExamples:
-    """The k training points with the largest kernel values to one test point.
-
-    Attributes:
-        test_index: Row of the test x train block.
-        neighbors: :class:`Attribution` objects, most similar first; ``contribution`` and
-            ``kernel`` both hold the kernel value.
-    """
-
-    test_index: int
-    neighbors: tuple[Attribution, ...]
-
-    @property
-    def indices(self) -> list[int]:
-        """Training indices, most similar first."""
-        return [a.index for a in self.neighbors]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-python dict."""
-        return {"test_index": self.test_index, "neighbors": [a.to_dict() for a in self.neighbors]}
-
-
 def _as_kernel(K: ArrayLike, n_train: int | None) -> np.ndarray:
-    if hasattr(K, "detach"):
-        K = K.detach().cpu().numpy()  # type: ignore[union-attr]
-    A = np.asarray(K, dtype=np.float64)
+    A = to_numpy(K, np.float64)
     if A.ndim == 1:
         A = A[None, :]
     if A.ndim != 2:
@@ -325,15 +69,13 @@ def _as_kernel(K: ArrayLike, n_train: int | None) -> np.ndarray:
 def _labels(train_labels: ArrayLike | None, n_train: int) -> list[Any] | None:
     if train_labels is None:
         return None
-    if hasattr(train_labels, "detach"):
-        train_labels = train_labels.detach().cpu().numpy()  # type: ignore[union-attr]
-    lab = np.asarray(train_labels)
+    lab = to_numpy(train_labels)
     if lab.ndim != 1 or lab.shape[0] != n_train:
         raise InputError(
             f"train_labels must be 1-D with one label per training point ({n_train}), got shape "
             f"{lab.shape}."
         )
-    return [_py(v) for v in lab]
+    return lab.tolist()
 
 
 def _top(values: np.ndarray, k: int, sign: int) -> np.ndarray:
@@ -371,9 +113,7 @@ def contributions(surrogate: SurrogateLike, K_test_train: ArrayLike) -> np.ndarr
 
 def _network_classes(network_logits: ArrayLike, n: int, C: int) -> np.ndarray:
     """(n,) argmax class positions of the network's logits (``z > 0`` for one logit)."""
-    from tangentlens.faithfulness import _as_logits
-
-    Z = _as_logits(network_logits, "network_logits")  # float64; (n,) / (n, 1) -> [0, z]
+    Z = as_logits(network_logits, "network_logits")  # float64; (n,) / (n, 1) -> [0, z]
     if Z.shape[0] != n:
         raise InputError(
             f"network_logits has {Z.shape[0]} rows but K_test_train has {n}; pass the network's "
@@ -415,16 +155,7 @@ def _resolve_target(
         if target == "surrogate":
             return None, "surrogate"
         raise InputError(f"Unknown target {target!r}; {help_}.")
-    if hasattr(target, "detach"):
-        target = target.detach().cpu().numpy()  # type: ignore[union-attr]
-    t = np.asarray(target)
-    if t.ndim != 1 or t.shape[0] != n:
-        raise InputError(f"target has shape {t.shape} but there are {n} test points; {help_}.")
-    if t.dtype.kind == "f" and np.all(np.isfinite(t)) and np.all(t == np.round(t)):
-        t = t.astype(np.int64)
-    if t.dtype.kind not in "iu" or (n and (t.min() < 0 or t.max() >= C)):
-        raise InputError(f"target must hold integer class positions 0..{C - 1}; {help_}.")
-    return t.astype(np.int64), "given"
+    return class_positions(target, n, C, name="target", rows="test points", fix=help_ + "."), "given"
 
 
 def _class_explanation(
@@ -524,7 +255,7 @@ def explain(
     K = _as_kernel(K_test_train, N)
     n = K.shape[0]
     labels = _labels(train_labels, N)
-    class_labels = [_py(c) for c in np.asarray(surrogate.classes_)]
+    class_labels = np.asarray(surrogate.classes_).tolist()
     net_pred = None if network_logits is None else _network_classes(network_logits, n, C)
     given, source = _resolve_target(target, net_pred, n, C)
     if isinstance(classes, str):

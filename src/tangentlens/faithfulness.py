@@ -4,12 +4,9 @@
 :func:`aggregate` summarizes results over independently trained models (seeds) as mean ± standard
 error; :func:`format_mean_se` writes the "0.809(9)" notation.
 
-Logit conventions (both arguments):
-
-* (n, C) logits with C >= 2: probabilities are ``softmax`` over the last axis;
-* (n,) or (n, 1) logits: a single-logit binary model (e.g. the reference's MLP ``784-...-1``),
-  read as the two-class logits ``[0, z]``, so ``p(class 1) = sigmoid(z)`` and the prediction is
-  ``z > 0``.
+Logits are read as :mod:`tangentlens.logits` describes: (n, C) logits with C >= 2, or (n,) / (n, 1)
+single logits ``z`` of a binary model, read as ``[0, z]`` (``p(class 1) = sigmoid(z)``, prediction
+``z > 0``); labels are (n,) integer class positions ``0..C-1``.
 
 Precision: every input is converted to float64 numpy *before* anything is computed, so softmax
 probabilities, log-odds, ranks and every metric are the same whether the caller hands over float32
@@ -17,9 +14,9 @@ or float64 logits (or torch tensors of either). A float32 softmax saturates to e
 true-class log-odds exceed about 16.6 (1 − p < 2⁻²⁵), which ties every confident point and lowers τ;
 in float64 that happens only above about 37.4 (1 − p < 2⁻⁵⁴). ``tau_mode="logit"`` never
 saturates. :func:`softmax64` and :func:`log_odds64` are the same float64 helpers for callers that
-need the probabilities themselves (the demo uses them). To compare probabilities that are not a
-softmax of logits (e.g. Platt-scaled SVM probabilities or scikit-learn's one-vs-rest SGD
-probabilities) pass ``np.log(p)``: ``softmax(log p) = p``.
+need the probabilities themselves (the demo and :mod:`tangentlens.attribution` use them). To compare
+probabilities that are not a softmax of logits (e.g. Platt-scaled SVM probabilities or scikit-learn's
+one-vs-rest SGD probabilities) pass ``np.log(p)``: ``softmax(log p) = p``.
 """
 
 from __future__ import annotations
@@ -35,7 +32,8 @@ from numpy.typing import ArrayLike
 from scipy import stats
 from scipy.special import logsumexp, softmax
 
-from tangentlens.errors import InputError, UnknownKindError
+from .errors import InputError, UnknownKindError
+from .logits import as_logits, class_positions
 
 __all__ = [
     "AggregateResult",
@@ -53,6 +51,7 @@ TauMode = Literal["true_class", "class1", "logit"]
 _TAU_MODES = ("true_class", "class1", "logit")
 SaturationPrecision = Literal["float32", "float64"]
 _SATURATION_PRECISIONS = ("float32", "float64")
+_MAP_LABELS = "Map class labels to positions with np.searchsorted(classes_, y)."
 
 
 @dataclass(frozen=True)
@@ -114,32 +113,6 @@ class FaithfulnessResult:
         return asdict(self)
 
 
-def _as_logits(x: ArrayLike, name: str) -> np.ndarray:
-    """(n, C>=2) float64 logits; single-logit binary inputs become ``[0, z]``.
-
-    The conversion to float64 comes first, whatever the input's dtype (float16/32/64, integers,
-    torch tensors), so nothing downstream depends on the caller's precision.
-    """
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu()  # type: ignore[union-attr]
-        x = x.double().numpy() if x.is_floating_point() else x.numpy()  # type: ignore[union-attr]
-    a = np.asarray(x)
-    if a.dtype.kind not in "fiu":
-        raise InputError(f"{name} must be a numeric array of logits, got dtype {a.dtype}.")
-    a = a.astype(np.float64)
-    if a.ndim == 1:
-        a = a[:, None]
-    if a.ndim != 2:
-        raise InputError(f"{name} must be (n,) or (n, C) logits, got shape {a.shape}.")
-    if a.shape[0] == 0:
-        raise InputError(f"{name} is empty: pass the logits of at least two test points.")
-    if not np.all(np.isfinite(a)):
-        raise InputError(f"{name} contains NaN or inf values; pass finite logits.")
-    if a.shape[1] == 1:
-        a = np.concatenate([np.zeros_like(a), a], axis=1)
-    return a
-
-
 def softmax64(logits: ArrayLike) -> np.ndarray:
     """Softmax over the last axis, computed in float64 whatever the input dtype.
 
@@ -156,7 +129,7 @@ def softmax64(logits: ArrayLike) -> np.ndarray:
     Raises:
         InputError: non-numeric, empty, non-finite or more than 2-D input.
     """
-    return softmax(_as_logits(logits, "logits"), axis=1)
+    return softmax(as_logits(logits, "logits"), axis=1)
 
 
 def log_odds64(logits: ArrayLike, labels: ArrayLike) -> np.ndarray:
@@ -178,36 +151,10 @@ def log_odds64(logits: ArrayLike, labels: ArrayLike) -> np.ndarray:
     Raises:
         InputError: bad logits, or labels of the wrong length or out of range.
     """
-    Z = _as_logits(logits, "logits")
-    y = _as_labels(labels, Z.shape[0], Z.shape[1])
+    Z = as_logits(logits, "logits")
+    y = class_positions(labels, Z.shape[0], Z.shape[1], name="labels", rows="logit rows",
+                        fix="pass one label per row, to match the logits' rows. " + _MAP_LABELS)
     return _confidence(Z, y, "logit")
-
-
-def _as_labels(labels: ArrayLike, n: int, C: int) -> np.ndarray:
-    """(n,) int64 class positions in 0..C-1, or an :class:`InputError` saying what to pass."""
-    if hasattr(labels, "detach"):
-        labels = labels.detach().cpu().numpy()  # type: ignore[union-attr]
-    y = np.asarray(labels)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise InputError(f"labels must be 1-D (n,), got shape {y.shape}.")
-    if y.shape[0] != n:
-        raise InputError(
-            f"network_logits, surrogate_logits and labels must cover the same test points: got "
-            f"{n} logit rows and {y.shape[0]} labels."
-        )
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise InputError("labels must be integer class positions 0..C-1.")
-        y = y.astype(np.int64)
-    if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= C:
-        lo, hi = (y.min(), y.max()) if y.dtype.kind in "iuf" else ("?", "?")
-        raise InputError(
-            f"labels must be integer class positions in 0..{C - 1} (the logit columns); got "
-            f"values in [{lo}, {hi}]. Map labels with np.searchsorted(classes_, y)."
-        )
-    return y.astype(np.int64)
 
 
 def _gamma_reason(network_errors: int, surrogate_errors: int) -> str | None:
@@ -381,8 +328,8 @@ def faithfulness(
             f"Unknown saturation_precision {saturation_precision!r}; use one of "
             f"{_SATURATION_PRECISIONS}."
         )
-    Zn = _as_logits(network_logits, "network_logits")
-    Zs = _as_logits(surrogate_logits, "surrogate_logits")
+    Zn = as_logits(network_logits, "network_logits")
+    Zs = as_logits(surrogate_logits, "surrogate_logits")
     n = Zn.shape[0]
     if Zs.shape[0] != n:
         raise InputError(
@@ -395,7 +342,9 @@ def faithfulness(
             "(a single logit counts as two classes); pass logits over the same classes."
         )
     C = Zn.shape[1]
-    y = _as_labels(labels, n, C)
+    y = class_positions(labels, n, C, name="labels", rows="test points",
+                        fix="network_logits, surrogate_logits and labels must cover the same test "
+                            "points. " + _MAP_LABELS)
     if tau_mode == "class1" and C != 2:
         raise InputError(
             f"tau_mode='class1' is for binary models, but the logits have {C} classes; use "

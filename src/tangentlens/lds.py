@@ -17,23 +17,14 @@ Two pieces:
 * :func:`lds` scores any attribution matrix against those masks and outputs: mean ± standard error
   over targets, a seeded bootstrap confidence interval, and the per-target correlations.
 
-The store's layout (``cache_dir``)::
-
-    manifest.json          {"format", "version", "n_train", "alpha", "n_subsets", "seed", "subsets_sha256"}
-    subset_000000.npz      arrays "indices" (int64, the subset) and "outputs" (float64, (n_targets,))
-    subset_000001.npz      ...
-
-Files are read with ``np.load(allow_pickle=False)`` and ``json``: nothing is unpickled.
+The store itself (its layout, manifest and checks) is :mod:`tangentlens.lds_store`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +33,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .errors import InputError, NonFiniteError, StoreMismatchError
-from .faithfulness import _as_logits, log_odds64
+from .arrays import to_numpy
+from .errors import InputError, NonFiniteError
+from .faithfulness import log_odds64
+from .lds_store import SubsetStore
 
 __all__ = [
     "LDSResult",
@@ -55,24 +48,10 @@ __all__ = [
     "subset_train_seed",
 ]
 
-_STORE_FORMAT = "tangentlens.lds.subsets"
-_STORE_VERSION = 1
-_MANIFEST = "manifest.json"
-
 
 # --------------------------------------------------------------------------------------------------
 # Margins
 # --------------------------------------------------------------------------------------------------
-def _to_numpy(x: Any) -> np.ndarray:
-    """A numpy view of ``x``; torch tensors are detached and moved to the CPU first."""
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu()
-        if x.is_floating_point():
-            x = x.double()
-        x = x.numpy()
-    return np.asarray(x)
-
-
 def margins(logits: ArrayLike, labels: ArrayLike) -> np.ndarray:
     """TRAK's margin of each example, ``z_y − logsumexp_{c≠y} z_c``, in float64.
 
@@ -93,15 +72,7 @@ def margins(logits: ArrayLike, labels: ArrayLike) -> np.ndarray:
         InputError: non-numeric, empty or non-finite logits; labels of the wrong length or out of
             range.
     """
-    Z = _as_logits(logits, "logits")
-    y = _to_numpy(labels)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1 or y.shape[0] != Z.shape[0]:
-        raise InputError(
-            f"labels must be (n,) = ({Z.shape[0]},) to match the logits' rows, got shape {y.shape}."
-        )
-    return log_odds64(Z, y)
+    return log_odds64(logits, labels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,13 +158,6 @@ def subset_masks(n_train: int, n_subsets: int, alpha: float = 0.5, seed: int = 0
     return np.stack([_subset_mask(n_train, alpha, seed, m) for m in range(n_subsets)])
 
 
-def _masks_sha256(masks: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update(f"{masks.shape[0]}x{masks.shape[1]}:".encode())
-    h.update(np.packbits(masks, axis=1).tobytes())
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------
 # Retraining harness
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +188,7 @@ class SubsetRuns:
 
 
 def _as_outputs(value: Any, m: int, expected: int | None) -> np.ndarray:
-    out = _to_numpy(value)
+    out = to_numpy(value)
     if out.dtype.kind not in "fiu":
         raise InputError(f"output_fn returned dtype {out.dtype} for subset {m}; return numeric outputs.")
     out = out.astype(np.float64)
@@ -247,23 +211,6 @@ def _as_outputs(value: Any, m: int, expected: int | None) -> np.ndarray:
             f"compute margins in float64 (tangentlens.lds.margins)."
         )
     return out
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder, then ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class SubsetRetrainer:
@@ -323,100 +270,11 @@ class SubsetRetrainer:
         self.output_fn = output_fn
         self.progress = progress
         self.masks = subset_masks(self.n_train, self.n_subsets, self.alpha, self.seed)
-        self.subsets_sha256 = _masks_sha256(self.masks)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self._outputs: dict[int, np.ndarray] = {}
-        if self.cache_dir is not None:
-            self._open_store(self.cache_dir)
+        self._store = None if self.cache_dir is None else SubsetStore(self.cache_dir, self.masks,
+                                                                       alpha=self.alpha, seed=self.seed)
+        self._outputs: dict[int, np.ndarray] = {} if self._store is None else self._store.load()
 
-    # -- store ------------------------------------------------------------------------------------
-    def _manifest(self) -> dict[str, Any]:
-        return {
-            "format": _STORE_FORMAT,
-            "version": _STORE_VERSION,
-            "n_train": self.n_train,
-            "alpha": self.alpha,
-            "n_subsets": self.n_subsets,
-            "seed": self.seed,
-            "subsets_sha256": self.subsets_sha256,
-        }
-
-    def _subset_path(self, m: int) -> Path:
-        assert self.cache_dir is not None
-        return self.cache_dir / f"subset_{m:06d}.npz"
-
-    def _open_store(self, folder: Path) -> None:
-        if folder.exists() and not folder.is_dir():
-            raise InputError(f"cache_dir {str(folder)!r} is a file; pass a folder path.")
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest_path = folder / _MANIFEST
-        mine = self._manifest()
-        if not manifest_path.exists():
-            if any(folder.glob("subset_*.npz")):
-                raise InputError(
-                    f"cache_dir {str(folder)!r} holds subset files but no {_MANIFEST}; it was not made by "
-                    f"this harness (or the manifest was deleted). Use an empty or new folder."
-                )
-            text = json.dumps(mine, indent=2, sort_keys=True) + "\n"
-            _write_atomic(manifest_path, lambda f: f.write(text.encode()))
-            return
-        try:
-            stored = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as e:
-            raise StoreMismatchError(
-                f"{manifest_path} is not a readable JSON manifest ({e}); use a new cache_dir."
-            ) from e
-        if not isinstance(stored, dict):
-            raise StoreMismatchError(
-                f"{manifest_path} is not a manifest of this harness; use a new cache_dir."
-            )
-        diffs = [
-            f"{key}: the store has {stored.get(key)!r}, this call has {mine[key]!r}"
-            for key in ("format", "version", "n_train", "alpha", "n_subsets", "seed")
-            if stored.get(key) != mine[key]
-        ]
-        if not diffs and stored.get("subsets_sha256") != mine["subsets_sha256"]:
-            diffs.append(
-                "subsets_sha256: the same settings draw different subsets here than when the store was "
-                "made (a different numpy random stream?)"
-            )
-        if diffs:
-            raise StoreMismatchError(
-                f"cache_dir {str(folder)!r} was made with other settings; " + "; ".join(diffs)
-                + ". Pass the store's settings to continue it, or use a new cache_dir for these."
-            )
-        for m in range(self.n_subsets):
-            path = self._subset_path(m)
-            if path.exists():
-                self._outputs[m] = self._load_subset(path, m)
-
-    def _load_subset(self, path: Path, m: int) -> np.ndarray:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                indices = np.asarray(z["indices"])
-                outputs = np.asarray(z["outputs"])
-        except Exception as e:  # a damaged file: say which, never retrain silently
-            raise StoreMismatchError(f"{path} cannot be read ({e}); delete it to retrain subset {m}.") from e
-        if not np.array_equal(indices, np.flatnonzero(self.masks[m])):
-            raise StoreMismatchError(
-                f"{path} holds a different subset than subset {m} of these settings; delete it to retrain."
-            )
-        if outputs.dtype != np.float64 or outputs.ndim != 1:
-            raise StoreMismatchError(f"{path} holds outputs of dtype {outputs.dtype} and shape "
-                                     f"{outputs.shape}, not (n_targets,) float64; delete it to retrain.")
-        expected = next(iter(self._outputs.values())).shape[0] if self._outputs else None
-        if expected is not None and outputs.shape[0] != expected:
-            raise StoreMismatchError(
-                f"{path} holds {outputs.shape[0]} outputs but other subsets hold {expected}; the store "
-                f"mixes different output_fns. Use a new cache_dir."
-            )
-        return outputs
-
-    def _save_subset(self, m: int, outputs: np.ndarray) -> None:
-        indices = np.flatnonzero(self.masks[m]).astype(np.int64)
-        _write_atomic(self._subset_path(m), lambda f: np.savez(f, indices=indices, outputs=outputs))
-
-    # -- running ----------------------------------------------------------------------------------
     @property
     def completed(self) -> list[int]:
         """Positions m of the subsets whose outputs are recorded (stored or trained in this process)."""
@@ -449,8 +307,8 @@ class SubsetRetrainer:
                 expected = next(iter(self._outputs.values())).shape[0] if self._outputs else None
                 outputs = _as_outputs(self.output_fn(model), m, expected)
                 del model
-                if self.cache_dir is not None:
-                    self._save_subset(m, outputs)
+                if self._store is not None:
+                    self._store.save(m, outputs)
                 self._outputs[m] = outputs
                 n_trained += 1
                 bar.update(1)
@@ -514,7 +372,7 @@ class LDSResult:
 
 
 def _as_float2d(x: Any, name: str, shape_hint: str) -> np.ndarray:
-    a = _to_numpy(x)
+    a = to_numpy(x)
     if a.dtype.kind not in "fiub":
         raise InputError(f"{name} must be a numeric array {shape_hint}, got dtype {a.dtype}.")
     a = a.astype(np.float64)
@@ -580,7 +438,7 @@ def lds(
             inf values, bad ``n_bootstrap`` / ``confidence``.
     """
     S = _as_float2d(scores, "scores", "(n_targets, N)")
-    mask_arr = _to_numpy(masks)
+    mask_arr = to_numpy(masks)
     if mask_arr.ndim != 2:
         raise InputError(f"masks must be 2-D (M subsets, N training points), got shape {mask_arr.shape}.")
     if mask_arr.dtype != np.bool_:
