@@ -19,8 +19,9 @@ sum of logits, and reports for every projection at equal K:
 
 - ``proj/s``: examples per second of the projection alone (gradients precomputed),
 - ``e2e/s``: examples per second including the per-example gradients (``torch.func.vmap(grad)``; the
-  Kronecker and two-stage rows instead use one batched forward/backward with hooks: no per-example
-  gradients are formed for Kronecker),
+  Kronecker and two-stage rows instead run the library's hook route, ``tangentlens.features(kind="pntk",
+  projection=...)``, one batched forward/backward per batch: no per-example gradients are formed for
+  Kronecker, and their ``proj/s`` is the time inside the projection's calls),
 - ``GF/s``: for dense kinds, ``2 N P K / time`` and its share of the machine's measured GEMM rate,
 - ``peak MB``: the largest increase of the process's resident memory over construction, warm-up
   (caches) and the timed projection of all N (sampled every 2 ms from /proc/self/statm after
@@ -73,7 +74,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tangentlens.sketch import (
+from tangentlens.projection import (
     Projection,
     cosine_gram,
     fidelity,
@@ -317,7 +318,7 @@ def batches(n: int, bs: int) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# gradients: per-example (torch.func) and hook captures (Kronecker / two-stage)
+# gradients: per-example (torch.func); the hook routes' projection time
 # --------------------------------------------------------------------------------------------------
 
 
@@ -336,91 +337,26 @@ def per_example_grads(model: nn.Module, x: Tensor, names: list[str] | None = Non
     return torch.cat([g[k].reshape(x.shape[0], -1) for k in params], dim=1)
 
 
-@dataclass
-class LayerCapture:
-    module: nn.Module
-    a: Tensor | None = None  # (n, T, d_in)
-    delta: Tensor | None = None  # (n, T, d_out)
-    out: Tensor | None = field(default=None, repr=False)
+class TimedProjection(Projection):
+    """A :class:`tangentlens.Projection` that adds the seconds spent in its projections to ``seconds``, so
+    that the library's hook routes (``tangentlens.features(..., projection=...)``) report the projection's
+    share of the time apart from the forward/backward passes and the capture."""
 
+    seconds: float = 0.0
 
-def capture(model: nn.Module, x: Tensor) -> list[LayerCapture]:
-    """One batched forward and one backward of the summed logits; per layer (a, delta).
+    def project(self, g: Tensor, offset: int = 0, total_dim: int | None = None) -> Tensor:
+        t = time.perf_counter()
+        out = super().project(g, offset, total_dim)
+        self.seconds += time.perf_counter() - t
+        return out
 
-    Temporary stand-in for the engine's capture (tangentlens.capture): Linear and Conv2d (groups=1)
-    only, which covers both benchmark models.
-    """
-    caps: list[LayerCapture] = []
-    handles = []
+    __call__ = project
 
-    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
-        c = LayerCapture(mod)
-        xin = inp[0].detach()
-        if isinstance(mod, nn.Conv2d):
-            patches = nn.functional.unfold(
-                xin, mod.kernel_size, mod.dilation, mod.padding, mod.stride
-            )  # (n, d_in, T)
-            c.a = patches.transpose(1, 2)
-        else:
-            c.a = xin[:, None, :]
-        out.retain_grad()
-        c.out = out
-        caps.append(c)
-
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            handles.append(m.register_forward_hook(hook))
-    try:
-        logits = model(x)
-        logits.sum().backward()
-    finally:
-        for h in handles:
-            h.remove()
-    for c in caps:
-        assert c.out is not None and c.out.grad is not None
-        gout = c.out.grad
-        c.delta = gout.flatten(2).transpose(1, 2) if gout.dim() == 4 else gout[:, None, :]
-        c.out = None
-    model.zero_grad(set_to_none=True)
-    return caps
-
-
-def grads_from_capture(caps: list[LayerCapture]) -> Tensor:
-    """Two-stage route, stage 1: per-example gradients assembled from hooks (outer products summed
-    over positions), ``(n, P)`` in parameters() order (weight, then bias, per layer)."""
-    parts = []
-    for c in caps:
-        assert c.a is not None and c.delta is not None
-        w = torch.einsum("nto,nti->noi", c.delta, c.a)
-        parts.append(w.reshape(w.shape[0], -1))
-        if c.module.bias is not None:
-            parts.append(c.delta.sum(1))
-    return torch.cat(parts, dim=1)
-
-
-def kronecker_features(pr: Projection, caps: list[LayerCapture], total: int) -> Tensor:
-    """Kronecker sketch of every layer's weight gradient plus a flat sketch (into K) of all biases.
-
-    With ``pr.fold`` every part is summed into ``K`` coordinates; otherwise the per-layer Kronecker
-    features are concatenated, followed by the K-dim bias sketch."""
-    feats: list[Tensor] = []
-    offset = 0
-    summed: Tensor | None = None
-    for li, c in enumerate(caps):
-        assert c.a is not None and c.delta is not None
-        d_out, d_in = c.delta.shape[2], c.a.shape[2]
-        f = pr.project_kronecker(c.a, c.delta[:, None], f"layer{li}", d_in=d_in, d_out=d_out)[:, 0]
-        offset += d_in * d_out
-        if pr.fold:
-            summed = f if summed is None else summed + f
-        else:
-            feats.append(f)
-        if c.module.bias is not None:
-            b = pr.project(c.delta.sum(1), offset, total)
-            offset += d_out
-            summed = b if summed is None else summed + b
-    assert summed is not None
-    return summed if pr.fold else torch.cat([*feats, summed], dim=1)
+    def project_kronecker(self, *args: object, **kwargs: object) -> Tensor:
+        t = time.perf_counter()
+        out = super().project_kronecker(*args, **kwargs)  # type: ignore[arg-type]
+        self.seconds += time.perf_counter() - t
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,8 +382,7 @@ def run_model(name: str, args: argparse.Namespace, gemm: float) -> dict[str, obj
     if name == "minilm":
         args.n, args.batch = args.minilm_n, args.minilm_batch
         args.n_exact = min(args.minilm_n_exact, args.n)
-        # the hook-based stand-ins (kronecker/twostage) handle Linear/Conv2d only; the engine
-        # rows cover the Kronecker route for the transformer layer
+        # default rows: the engine rows cover the Kronecker route for the transformer layer
         args.kinds = args.minilm_kinds
         t = time.perf_counter()
         model, x, names = minilm_task(args.n, args.seed, args.minilm_train_steps)
@@ -545,7 +480,7 @@ def run_model(name: str, args: argparse.Namespace, gemm: float) -> dict[str, obj
     if "srht" in selected:
         flat("srht", ours("srht"))
     if "kronecker" in selected or "twostage" in selected:
-        structured(model, x, spans, P, K, exact, args, rows, gemm, selected)
+        structured(model, x, K, exact, args, rows, gemm, selected, names)
     if "engine" in selected:
         engine(model, x, K, exact, args, rows, gemm, "pntk", names)
     mem = memory_scaling(model, x, K, args, names) if "memcheck" in selected else {}
@@ -572,47 +507,44 @@ def run_model(name: str, args: argparse.Namespace, gemm: float) -> dict[str, obj
 def structured(
     model: nn.Module,
     x: Tensor,
-    spans: list[tuple[int, int]],
-    P: int,
     K: int,
     exact: Tensor,
     args: argparse.Namespace,
     rows: list[Row],
     gemm: float,
     selected: set[str],
+    names: list[str] | None,
 ) -> None:
-    """Hook-based routes: no vmap; one batched forward/backward per batch."""
+    """Hook routes of the library, ``tangentlens.features(kind="pntk", projection=...)``: no vmap; one
+    batched forward/backward per batch. Kronecker rows project Linear/Conv layers from their captured
+    factors (no per-example gradient is formed for them); two-stage rows materialize per-example
+    gradients from the hooks, then project them. ``proj/s`` counts the time inside the projection's
+    calls, ``e2e/s`` the whole featurization."""
+    from tangentlens.api import features
 
-    def run(label: str, featurize: Callable[[list[LayerCapture]], Tensor]) -> None:
-        outs = []
-        t_cap = t_proj = 0.0
+    def run(label: str, pr: TimedProjection) -> None:
+        kw = {"kind": "pntk", "normalize": False, "projection": pr, "parameters": names}
         with peak_rss() as mem:
-            featurize(capture(model, x[:16]))  # warm-up (caches count as memory, not time)
-            for i0, i1 in spans:
-                t0 = time.perf_counter()
-                caps = capture(model, x[i0:i1])
-                t1 = time.perf_counter()
-                outs.append(featurize(caps))
-                t2 = time.perf_counter()
-                t_cap += t1 - t0
-                t_proj += t2 - t1
-        feats = torch.cat(outs)
+            features(model, x[:16], batch_size=args.batch, **kw)  # type: ignore[arg-type]  # warm-up
+            pr.seconds = 0.0  # caches count as memory, not time
+            t0 = time.perf_counter()
+            feats = features(model, x, batch_size=args.batch, **kw)  # type: ignore[arg-type]
+            dt = time.perf_counter() - t0
         fid = fidelity(cosine_gram(feats[: args.n_exact].double()), exact, feats.shape[1])
-        rows.append(Row(label, feats.shape[1], t_proj, t_cap + t_proj, mem["mb"], 0.0, _fid(fid)))
+        rows.append(Row(label, feats.shape[1], pr.seconds, dt, mem["mb"], 0.0, _fid(fid)))
         _print_row(rows[-1], args.n, gemm)
 
     if "kronecker" in selected:
         for kd in (K, 4 * K):
-            pr = Projection(K, "kronecker", seed=args.seed, kron_dim=kd, fold=False)
-            run(f"kronecker concat (k_in*k_out<={kd})", lambda c, pr=pr: kronecker_features(pr, c, P))
+            pr = TimedProjection(K, "kronecker", seed=args.seed, kron_dim=kd, fold=False)
+            run(f"kronecker concat (k_in*k_out<={kd})", pr)
         for kd in (4 * K, 16 * K):
-            pr = Projection(K, "kronecker", seed=args.seed, kron_dim=kd, fold=True)
-            run(f"kronecker {kd}/layer -> fold K", lambda c, pr=pr: kronecker_features(pr, c, P))
+            pr = TimedProjection(K, "kronecker", seed=args.seed, kron_dim=kd, fold=True)
+            run(f"kronecker {kd}/layer -> fold K", pr)
     if "twostage" in selected:
         for kind, kw in (("sjlt", {"s": 1}), ("sjlt", {"s": 2}), ("rademacher", {})):
-            pr = Projection(K, kind, seed=args.seed, memory_budget_bytes=2**30, **kw)  # type: ignore[arg-type]
-            label = f"hooks->grads->{kind}" + (f" s={kw['s']}" if kw else "")
-            run(label, lambda c, pr=pr: pr.project(grads_from_capture(c), 0, P))
+            pr = TimedProjection(K, kind, seed=args.seed, memory_budget_bytes=2**30, **kw)  # type: ignore[arg-type]
+            run(f"hooks->grads->{kind}" + (f" s={kw['s']}" if kw else ""), pr)
 
 
 def fidelity_curves(g: Tensor, exact: Tensor, P: int, args: argparse.Namespace, path: str) -> None:
@@ -867,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--minilm-kinds",
         default="trak,rademacher,sjlt,engine,memcheck,trntk",
-        help="rows for minilm (kronecker/twostage stand-ins handle Linear/Conv2d only;\n"
+        help="rows for minilm (kronecker and twostage are left out by default for time;\n"
         "the engine rows include the Kronecker route through the transformer layer)",
     )
     ap.add_argument("--minilm-n", type=int, default=64, help="texts featurized for minilm")

@@ -11,7 +11,7 @@ from torch import nn
 
 import tangentlens as tl
 from tangentlens.errors import InputError
-from tangentlens.sketch import Projection
+from tangentlens.projection import Projection
 
 from .models import ARCHS, data, quiet
 from .oracles import jacobians

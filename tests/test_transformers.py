@@ -19,7 +19,7 @@ from torch import nn
 
 import tangentlens as tl
 from tangentlens.errors import UnsupportedLayerWarning
-from tangentlens.sketch import Projection
+from tangentlens.projection import Projection
 
 from .models import quiet
 from .oracles import jacobians, kernel_from_jacobians, oracle_kernel

@@ -27,7 +27,8 @@ from .errors import (
 from .explain import explain, most_similar
 from .faithfulness import FaithfulnessResult, aggregate, faithfulness, format_mean_se
 from .lds import LDSResult, SubsetRetrainer, SubsetRuns, lds, margins, subset_masks
-from .sketch import FidelityReport, Projection, fidelity, fidelity_curve, output_probes
+from .probes import output_probes
+from .projection import FidelityReport, Projection, fidelity, fidelity_curve
 from .surrogate import KernelRidgeSurrogate, KernelSurrogate, KernelSVMSurrogate
 
 __version__ = "0.1.0"

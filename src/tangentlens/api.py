@@ -34,7 +34,7 @@ from .network import (
     select_parameters,
 )
 from .probes import LabelSpec, check_label_modes, labels_mode, make_probe_fn
-from .sketch import Projection
+from .projection import Projection
 
 DEFAULT_CACHE_BYTES: int | None = None  # None: half of the memory budget
 DEFAULT_MEMORY_BUDGET: int | None = None  # None: a quarter of the memory available when the call starts

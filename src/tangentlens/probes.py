@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, UnknownKindError
 from .inputs import Source
 from .kinds import KindSpec
-from .sketch import output_probes
+from .projection.hashing import GEN_VERSION, check_int, column_keys, rademacher_rows, seed_words
 
 LabelSpec = Any  # tensor-like labels, or the string "predicted"
 
@@ -122,3 +122,58 @@ def check_label_modes(
         )
     if rows_predicted != cols_predicted:
         raise InputError(f"Use {names[0]}='predicted' and {names[1]}='predicted', or true labels for both.")
+
+
+def output_probes(
+    num_classes: int, m: int | str, seed: int = 0, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Probe vectors ``v_1..v_m`` over the ``C`` outputs; the engine backpropagates ``v . f(x)``.
+
+    With ``V`` the ``(m, C)`` result and ``Theta = J(x) J(x')^T``:
+    ``sum_m <v_m J(x), v_m J(x')> = Tr(V Theta V^T)``.
+
+    - ``m == C`` (or ``"trace"``): the identity (one-hot probes) -- the exact trNTK^0 = Tr(Theta).
+    - ``1 <= m < C``: i.i.d. Rademacher entries scaled by ``1/sqrt(m)``, so ``E[V^T V] = I`` and the
+      estimate is unbiased for Tr(Theta). Its variance is
+      ``Var = (1/m) sum_{i != j} Theta_ij (Theta_ij + Theta_ji)``: zero when Theta is diagonal, and
+      shrinking like ``1/m``. (Cost: ``m`` backward passes instead of ``C``.)
+    - ``"pseudo"``: one all-ones probe scaled by ``1/sqrt(C)``: gives the pNTK
+      ``(1/C) <sum_c g_c(x), sum_c g_c(x')>`` (a different kernel, not an estimate of the trace).
+
+    Raises:
+        InputError: ``num_classes < 1``, ``m`` not an integer in ``[1, C]`` nor a known string, or a
+            non-integer seed.
+    """
+    c = check_int("num_classes", num_classes, minimum=1)
+    seed = check_int("seed", seed)
+    if isinstance(m, str):
+        if m == "trace":
+            return torch.eye(c, dtype=dtype)
+        if m == "pseudo":
+            return torch.full((1, c), 1.0 / math.sqrt(c), dtype=dtype)
+        raise UnknownKindError(f"Unknown probe spec {m!r}; use an integer 1..C, 'trace' or 'pseudo'.")
+    m = check_int("m (number of output probes)", m, minimum=1)
+    if m > c:
+        raise InputError(
+            f"m={m} probes exceed C={c} classes: m = C already gives the exact trace; use m <= C."
+        )
+    if m == c:
+        return torch.eye(c, dtype=dtype)
+    words = seed_words("tangentlens.probes", GEN_VERSION, seed, c, m)
+    keys = column_keys(0, m, words, torch.device("cpu"))
+    return rademacher_rows(keys, c, words[2], dtype) * (1.0 / math.sqrt(m))
+
+
+def probe_variance(theta: Tensor, m: int) -> Tensor:
+    """Exact variance of the ``m``-probe Rademacher trace estimate of ``Tr(theta)`` for ``(..., C, C)``
+    blocks: ``(1/m) sum_{i != j} theta_ij (theta_ij + theta_ji)`` (0 for ``m >= C``: the exact trace).
+
+    Raises:
+        InputError: ``m`` not a positive integer.
+    """
+    m = check_int("m", m, minimum=1)
+    c = theta.shape[-1]
+    if m >= c:
+        return torch.zeros(theta.shape[:-2], dtype=theta.dtype)
+    off = theta - torch.diag_embed(torch.diagonal(theta, dim1=-2, dim2=-1))
+    return (off * (off + off.transpose(-1, -2))).sum((-1, -2)) / m

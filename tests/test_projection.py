@@ -1,15 +1,18 @@
-"""Statistical and exactness tests of tangentlens.sketch (seeded, fast)."""
+"""Statistical and exactness tests of tangentlens.projection and the output probes (seeded, fast)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pickle
 
 import pytest
 import torch
 
+import tangentlens as tl
 from tangentlens.errors import InputError, UnknownKindError
-from tangentlens.sketch import (
+from tangentlens.probes import output_probes, probe_variance
+from tangentlens.projection import (
     FLAT_KINDS,
     KINDS,
     FidelityReport,
@@ -18,9 +21,7 @@ from tangentlens.sketch import (
     fidelity,
     fidelity_curve,
     loglog_slope,
-    output_probes,
     plot_fidelity,
-    probe_variance,
 )
 
 
@@ -127,13 +128,13 @@ def test_kronecker_equals_dense_kron_oracle(k_in: int | None, k_out: int | None)
     feats = pr.project_kronecker(a, delta, "conv1", d_in=7, d_out=5, k_in=k_in, k_out=k_out)
     ki, ko = pr.kronecker_dims(7, 5) if k_in is None else (k_in, k_out)
     assert feats.shape == (4, 2, ko * ki)
-    pin_t = pr._kron_factor("conv1", "in", 7, ki, a.device, torch.float64)
-    pout_t = pr._kron_factor("conv1", "out", 5, ko, a.device, torch.float64)
-    pin = torch.eye(7, dtype=torch.float64) if pin_t is None else pin_t.T
-    pout = torch.eye(5, dtype=torch.float64) if pout_t is None else pout_t.T
-    if pin_t is not None:
+    pin, pout = pr.kronecker_factors("conv1", 7, 5, k_in=k_in, k_out=k_out)
+    assert pin.shape == (ki, 7) and pout.shape == (ko, 5)
+    if ki < 7:
         assert torch.allclose(pin.abs(), torch.full_like(pin, 1 / math.sqrt(ki)))
-    oracle = grad @ torch.kron(pout.contiguous(), pin.contiguous()).T
+    else:
+        assert torch.equal(pin, torch.eye(7, dtype=torch.float64))  # a side with k = d is exact
+    oracle = grad @ torch.kron(pout, pin).T
     torch.testing.assert_close(feats, oracle, rtol=1e-10, atol=1e-10)
     # a different layer key gives a different (independent) sketch
     other = pr.project_kronecker(a, delta, "conv2", d_in=7, d_out=5, k_in=k_in, k_out=k_out)
@@ -261,6 +262,43 @@ def test_to_dict_roundtrip_pickle_and_equality() -> None:
         torch.testing.assert_close(again.project(g, 0, 300), pr.project(g, 0, 300))
 
 
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def test_matrices_are_those_of_generator_v1() -> None:
+    """The reproducibility contract: a stored to_dict() rebuilds the same matrix bit for bit (these
+    entries are exact: +-1/sqrt(K), sums of +-1 and zeros). Gaussian draws come from torch.randn and
+    are left out. A change here needs a new generator version."""
+    golden = {"rademacher": ("f64166b0836e9c41", {}), "sjlt": ("84059167ddf5b0e2", {"s": 3}),
+              "srht": ("99684a607c9746f7", {"tile": 128}), "kronecker": ("df94a255484223b7", {"fold": True})}
+    for kind, (want, kw) in golden.items():
+        pr = Projection(40, kind, seed=3, **kw)
+        assert pr.to_dict()["generator"] == "tangentlens-mix32-v1"
+        assert _digest(Projection.from_dict(pr.to_dict()).matrix(300)) == want, kind
+    pin, pout = Projection(16, "kronecker", seed=3).kronecker_factors("layer", 7, 9)
+    assert (pin.shape, pout.shape) == ((4, 7), (4, 9))
+    assert (_digest(pin), _digest(pout)) == ("4b88bd3da2dda460", "87a0d3ec257f849f")
+    assert _digest(output_probes(10, 3, seed=4, dtype=torch.float64)) == "5a436ff3062237dc"
+    assert Projection(16, "kronecker", seed=3).to_dict() == {
+        "kind": "kronecker", "dim": 16, "seed": 3, "scale": "unbiased",
+        "expectation": "<phi(a),phi(b)> ~ <a,b>", "dtype": None, "generator": "tangentlens-mix32-v1",
+        "s": 2, "kron_dim": 16, "fold": False, "fallback": "sjlt",
+    }
+    assert tl.output_probes is output_probes
+
+
+def test_uses_factors_and_kronecker_only_calls() -> None:
+    assert Projection(8, "kronecker").uses_factors
+    for kind in FLAT_KINDS:
+        pr = Projection(8, kind)
+        assert not pr.uses_factors
+        with pytest.raises(InputError, match="kind='kronecker'"):
+            pr.project_kronecker(torch.randn(2, 4), torch.randn(2, 1, 3), 0, d_in=4, d_out=3)
+        with pytest.raises(InputError, match="kind='kronecker'"):
+            pr.kronecker_dims(4, 3)
+
+
 def test_dtype_option_and_cache_budget() -> None:
     g = torch.randn(20, 700)
     pr64 = Projection(32, "rademacher", dtype=torch.float64)
@@ -268,9 +306,9 @@ def test_dtype_option_and_cache_budget() -> None:
     big = Projection(32, "gaussian", seed=3)
     none = Projection(32, "gaussian", seed=3, memory_budget_bytes=0)
     assert torch.equal(big.project(g, 0, 700), none.project(g, 0, 700))
-    assert big._cache_bytes > 0 and none._cache_bytes == 0
+    assert big.cache_bytes > 0 and none.cache_bytes == 0
     big.clear_cache()
-    assert big._cache_bytes == 0
+    assert big.cache_bytes == 0
 
 
 @pytest.mark.parametrize(
@@ -284,8 +322,9 @@ def test_rademacher_cache_tiers_give_identical_results(budget: int, tier: str) -
         got = pr.project(g[:, 100:], 100, 700) + pr.project(g[:, :100], 0, 700)
         want = ref.project(g[:, 100:], 100, 700) + ref.project(g[:, :100], 0, 700)
         assert torch.equal(got, want)
-    assert pr._dense_tier(700, g.device, g.dtype) == tier
-    assert pr._cache_bytes <= budget
+    assert pr.cache_form(700, device=g.device, dtype=g.dtype) == tier
+    assert pr.cache_bytes <= budget
+    assert Projection(32, "sjlt").cache_form(700) is None  # no dense tiles to hold
 
 
 # ----------------------------------------------------------------------------- output probes

@@ -1,0 +1,234 @@
+"""What every projection kind shares: its options, its tile cache, row-stable GEMMs, and the backend base.
+
+A :class:`Projection <tangentlens.projection.Projection>` holds one backend object for its kind. A flat
+backend (:class:`FlatBackend`) maps a column slice ``g`` (``n x p``, columns ``[offset, offset + p)`` of a
+``P``-vector) to ``g @ R[:, offset:offset + p].T``; the Kronecker backend adds the per-layer route from
+captured factors.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..memory import check_memory
+from .hashing import GEN_VERSION, check_int, seed_words
+
+__all__ = ["Spec", "TileCache", "Backend", "FlatBackend", "matmul_rows", "addmm_rows_"]
+
+MIN_GEMM_ROWS = 16  # BLAS uses other kernels (other summation orders) below this many rows
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The validated options of a projection (see :class:`Projection` for their meaning)."""
+
+    kind: str
+    dim: int
+    seed: int
+    scale: str
+    s: int
+    memory_budget_bytes: int
+    dtype: torch.dtype | None
+    tile: int | None  # as given (None: the kind's default)
+    kron_dim: int
+    fold: bool
+    fallback: str
+
+
+class TileCache:
+    """Generated tiles and structures kept while their total size stays within ``budget`` bytes.
+
+    ``work`` holds reused workspaces (one per device and dtype) for what is not cached. Pickling drops
+    every entry: a cache never changes results, only the time and memory they take.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.entries: dict[tuple[Any, ...], Any] = {}
+        self.nbytes = 0
+        self.work: dict[tuple[Any, ...], Tensor] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"budget": self.budget, "entries": {}, "nbytes": 0, "work": {}}
+
+    @property
+    def free(self) -> int:
+        """Bytes of the budget not yet used."""
+        return self.budget - self.nbytes
+
+    def get(self, key: tuple[Any, ...]) -> Any:
+        """The cached value for ``key``, or None."""
+        return self.entries.get(key)
+
+    def cached(self, key: tuple[Any, ...], make: Callable[[], Any], nbytes: int) -> Any:
+        """The value for ``key``: cached, or made by ``make()`` and kept if its ``nbytes`` fit the budget."""
+        hit = self.entries.get(key)
+        if hit is not None:
+            return hit
+        value = make()
+        if self.nbytes + nbytes <= self.budget:
+            self.entries[key] = value
+            self.nbytes += nbytes
+        return value
+
+    def workspace(self, key: tuple[Any, ...], numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """A reused flat buffer of ``numel`` entries for ``key`` (allocated on first use)."""
+        buf = self.work.get(key)
+        if buf is None:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self.work[key] = buf
+        return buf
+
+    def clear(self) -> None:
+        """Drop every entry and workspace."""
+        self.entries.clear()
+        self.nbytes = 0
+        self.work.clear()
+
+
+def matmul_rows(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w`` with ``x`` zero-padded to at least 16 rows, so that each row's result (and
+    summation order) does not depend on how many rows are multiplied together."""
+    n = x.shape[0]
+    if 0 < n < MIN_GEMM_ROWS:
+        pad = x.new_zeros((MIN_GEMM_ROWS, x.shape[1]))
+        pad[:n] = x
+        return (pad @ w)[:n]
+    return x @ w
+
+
+def addmm_rows_(out: Tensor, x: Tensor, w: Tensor) -> None:
+    """``out += x @ w`` in place (no temporary), padded to 16 rows like :func:`matmul_rows`."""
+    n = x.shape[0]
+    if 0 < n < MIN_GEMM_ROWS:
+        xp = x.new_zeros((MIN_GEMM_ROWS, x.shape[1]))
+        xp[:n] = x
+        op = out.new_zeros((MIN_GEMM_ROWS, out.shape[1]))
+        op[:n] = out
+        op.addmm_(xp, w)
+        out.copy_(op[:n])
+    elif n:
+        out.addmm_(x, w)
+
+
+class Backend(ABC):
+    """One projection kind: how its random matrix is generated, applied and cached.
+
+    Args:
+        spec: The projection's validated options.
+        label: How memory-error messages name the projection.
+    """
+
+    uses_factors: ClassVar[bool] = False  # projects Linear/Conv layers from their captured factors
+
+    def __init__(self, spec: Spec, label: str) -> None:
+        self.spec = spec
+        self.dim = spec.dim
+        self.kpad = 32 * ((spec.dim + 31) // 32)
+        self.label = label
+        self.cache = TileCache(spec.memory_budget_bytes)
+        self.tile = self.resolve_tile(spec.tile)
+        # the first part of the seed is historical ("sketch"): changing it would change every matrix
+        self.words = seed_words("tangentlens.sketch", GEN_VERSION, spec.kind, spec.seed, spec.dim)
+
+    def resolve_tile(self, tile: int | None) -> int:
+        """The column tile width: a performance knob (the matrix does not depend on it) whose default
+        keeps a ``tile x Kpad`` float tile near 32 MiB (between 64 and 8192 columns)."""
+        default = max(64, min(8192, 1 << max(0, (2**23 // self.kpad).bit_length() - 1)))
+        return default if tile is None else check_int("tile", tile, minimum=1)
+
+    def describe(self) -> dict[str, Any]:
+        """The kind's own entries of ``Projection.to_dict()`` (none by default)."""
+        return {}
+
+    def repr_extra(self) -> str:
+        """The kind's own part of ``repr(Projection)`` (none by default)."""
+        return ""
+
+    def reference_factor(self, total_dim: int) -> float:
+        """``sqrt(K / P)`` for ``scale="reference"``, else 1."""
+        return math.sqrt(self.dim / total_dim) if self.spec.scale == "reference" else 1.0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by the cache."""
+        return self.cache.nbytes
+
+    def clear_cache(self) -> None:
+        """Drop every cached tile (frees memory; results do not change)."""
+        self.cache.clear()
+
+    def cache_form(self, total_dim: int, device: torch.device, dtype: torch.dtype) -> str | None:
+        """How dense tiles of ``R`` are cached for ``total_dim`` columns; None for kinds without them."""
+        return None
+
+    @abstractmethod
+    def project(self, g: Tensor, offset: int, total: int) -> Tensor:
+        """``(n, K)`` projection of the validated column slice ``g`` (already in the compute dtype)."""
+
+
+class FlatBackend(Backend):
+    """A kind that projects flattened column slices directly: checks, output and scale shared here.
+
+    Subclasses implement :meth:`apply` (accumulate ``g @ R^T`` into ``out``) and :meth:`working_set`.
+    """
+
+    out_width_padded: ClassVar[bool] = False  # the output buffer has Kpad (not K) columns
+
+    def check_total(self, total: int) -> None:
+        """Refuse a ``P`` the kind cannot project (nothing by default)."""
+
+    def project(self, g: Tensor, offset: int, total: int) -> Tensor:
+        """``g @ R[:, offset:offset + p].T`` times the scale's factor, shape ``(n, K)``.
+
+        Raises:
+            InputError: the kind cannot map ``total`` coordinates to ``K``.
+            MemoryBudgetError: the working set does not fit in the memory available.
+        """
+        self.check_total(total)
+        n, p = g.shape
+        empty = p == 0 or n == 0
+        if not empty:
+            self.check_working_set(n, p, g.device, g.dtype)
+        out = g.new_zeros((n, self.kpad if self.out_width_padded else self.dim))
+        if empty:
+            return out[:, : self.dim]
+        out = self.apply(g, offset, out, total)
+        factor = self.reference_factor(total)
+        return out * factor if factor != 1.0 else out
+
+    @abstractmethod
+    def apply(self, g: Tensor, offset: int, out: Tensor, total: int) -> Tensor:
+        """Accumulate the unbiased projection of ``g`` into the zeroed ``out`` and return it ``(n, K)``."""
+
+    @abstractmethod
+    def working_set(self, n: int, p: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, str]:
+        """``(bytes per output coordinate, fixed bytes, advice)`` of one :meth:`project` call."""
+
+    def check_working_set(self, n: int, p: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Refuse, before allocating anything, a call on ``n`` rows of ``p`` columns whose working set
+        (output rows, dense tile workspace, sparse structure, Hadamard buffers) exceeds the memory
+        available on ``device``.
+
+        Raises:
+            MemoryBudgetError: the message says what to change (smaller ``dim``, fewer rows per call, or a
+                kind that never materializes dense tiles of ``R``).
+        """
+        per_k, fixed, streams = self.working_set(n, p, device, dtype)
+        need = per_k * self.dim + fixed
+
+        def fix(avail: int) -> str:
+            kmax = max((avail - fixed) // per_k, 0)
+            return (
+                f"use a smaller projection dim (about dim <= {kmax:,} fits here), or fewer rows per call "
+                f"(a smaller batch_size){streams}"
+            )
+
+        check_memory(need, device, f"{self.label} on {n:,} rows x {p:,} columns ({dtype})", fix)

@@ -1,0 +1,368 @@
+"""The :class:`Projection` facade: options, serialization, the public calls, one backend per kind.
+
+A projection maps a parameter-space vector ``x in R^P`` to ``phi(x) = R x in R^K``. Every kind is a
+random linear map with ``E[R^T R] = I`` in the default ``scale="unbiased"``, so ``E<phi(a), phi(b)> =
+<a, b>`` and an unnormalized projected kernel is an unbiased estimate of the exact one.
+``scale="reference"`` is the convention of the method's code and of TRAK (+-1 entries, features divided
+by ``sqrt(P)``, no ``1/sqrt(K)``): ``E<phi(a), phi(b)> = (K / P) <a, b>``. For every kind the reference
+features are the unbiased features times ``sqrt(K / P)``; cosine normalization cancels the constant.
+
+Partition independence. The engine captures gradients layer by layer and batch by batch, so
+:meth:`Projection.project` receives a slice ``g`` of rows (examples, or (example, class) pairs) and a
+range of columns ``[offset, offset + p)`` of the full ``P``-vector. ``R`` is a pure function of ``(kind,
+seed, K)`` and of the *global* column index, generated on the fly from a counter-based hash
+(:mod:`.hashing`), so
+
+- summing :meth:`Projection.project` over any partition of the ``P`` columns gives the projection of the
+  whole vector (up to floating-point summation order, ~1e-7 relative in float32), and
+- splitting the rows into batches of any size gives bit-identical rows (matrix products on fewer than 16
+  rows are zero-padded to 16 rows because the BLAS uses another kernel, with another summation order,
+  for very small row counts).
+
+The same seed gives the same matrix on CPU and CUDA. ``R`` is never held whole unless it fits in
+``memory_budget_bytes``. Kinds (``K = dim``), one backend module each:
+
+- ``"rademacher"``, ``"gaussian"`` (:mod:`.dense`): dense i.i.d. entries, ``2 n P K`` flops;
+- ``"sjlt"`` (:mod:`.sjlt`): ``s`` nonzeros per column, ``O(n P s)``;
+- ``"srht"`` (:mod:`.srht`): a subsampled Hadamard transform per column tile, ``2 n T (a + b)`` flops per
+  tile of order ``T = a b``;
+- ``"kronecker"`` (:mod:`.kronecker`): per layer ``(P_out delta)(P_in a)^T`` summed over positions, from
+  the captured factors; other parameters through the flat ``fallback`` kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError, UnknownKindError
+from ..memory import check_memory
+from .base import Backend, FlatBackend, Spec
+from .dense import GaussianBackend, RademacherBackend
+from .hashing import GEN_VERSION, check_int
+from .kronecker import KroneckerBackend
+from .sjlt import SJLTBackend
+from .srht import SRHTBackend
+
+__all__ = ["Projection", "KINDS", "FLAT_KINDS", "SCALES"]
+
+_FLAT: dict[str, type[FlatBackend]] = {
+    "rademacher": RademacherBackend,
+    "gaussian": GaussianBackend,
+    "sjlt": SJLTBackend,
+    "srht": SRHTBackend,
+}
+FLAT_KINDS: tuple[str, ...] = tuple(_FLAT)
+KINDS: tuple[str, ...] = (*FLAT_KINDS, "kronecker")
+SCALES: tuple[str, ...] = ("unbiased", "reference")
+_OPTIONS = ("s", "tile", "kron_dim", "fold", "fallback")  # kind-specific keys of to_dict()
+
+
+def _backend(spec: Spec, label: str) -> Backend:
+    """The backend object of ``spec.kind``; the Kronecker kind gets its own fallback backend."""
+    if spec.kind in _FLAT:
+        return _FLAT[spec.kind](spec, label)
+    part = f"{label}'s {spec.fallback!r} part (parameters without Kronecker factors)"
+    flat = _FLAT[spec.fallback](replace(spec, kind=spec.fallback, tile=None), part)
+    return KroneckerBackend(spec, label, flat)
+
+
+class Projection:
+    """A seeded random projection ``R in R^{K x P}`` of parameter-space vectors, ``K = dim``.
+
+    Args:
+        dim: Projection dimension ``K`` (> 0).
+        kind: ``"rademacher"``, ``"gaussian"``, ``"sjlt"``, ``"srht"`` or ``"kronecker"``.
+        seed: Integer seed; the matrix is a pure function of ``(kind, seed, dim, s)`` and global
+            column indices, identical across batch sizes, layer splits, processes and devices.
+        scale: ``"unbiased"`` (``E<phi(a), phi(b)> = <a, b>``) or ``"reference"`` (the method's /
+            TRAK's convention: +-1 entries, divided by ``sqrt(P)``, so
+            ``E<phi(a), phi(b)> = (K/P) <a, b>``).
+        s: Nonzeros per column of ``"sjlt"`` (1 <= s <= dim; default 2), also of a ``"kronecker"``
+            projection's ``"sjlt"`` fallback (its ``fold`` always uses ``s=1``).
+        memory_budget_bytes: Generated dense tiles / sparse structures are cached while their total
+            size stays within this budget; beyond it they are regenerated on every call.
+        dtype: Compute dtype; ``None`` uses the dtype of the input.
+        tile: Column tile width. Dense kinds: a performance knob only (the matrix does not depend
+            on it). ``"srht"``: the Hadamard order ``T`` (a power of two >= dim; part of the
+            definition).
+        kron_dim: ``"kronecker"``: target ``k_in * k_out`` per layer (default ``dim``).
+        fold: ``"kronecker"``: if True, :meth:`project_kronecker` CountSketches the per-layer
+            Kronecker features into ``dim`` coordinates (layer-keyed), so that features of all
+            layers and of :meth:`project` can be summed into one ``K``-vector (the two-stage route).
+        fallback: ``"kronecker"``: the flat kind used by :meth:`project` for parameters without
+            Kronecker structure (biases, norm affines, ...).
+
+    Raises:
+        InputError: ``dim`` or ``seed`` not a (non-bool) integer, ``dim <= 0``, bad ``s``/``tile``.
+        UnknownKindError: unknown ``kind``, ``scale`` or ``fallback``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kind: str = "rademacher",
+        seed: int = 0,
+        scale: str = "unbiased",
+        *,
+        s: int = 2,
+        memory_budget_bytes: int = 256 * 2**20,
+        dtype: torch.dtype | None = None,
+        tile: int | None = None,
+        kron_dim: int | None = None,
+        fold: bool = False,
+        fallback: str = "sjlt",
+    ) -> None:
+        self.dim = check_int("dim (the projection dimension K)", dim, minimum=1)
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise UnknownKindError(f"Unknown projection kind {kind!r}; choose one of {list(KINDS)}.")
+        self.kind = kind
+        self.seed = check_int("seed", seed)
+        if not isinstance(scale, str) or scale not in SCALES:
+            raise UnknownKindError(f"Unknown projection scale {scale!r}; choose one of {list(SCALES)}.")
+        self.scale = scale
+        self.s = check_int("s (nonzeros per column)", s, minimum=1)
+        self.memory_budget_bytes = check_int("memory_budget_bytes", memory_budget_bytes, minimum=0)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputError(f"dtype must be a floating torch.dtype or None, got {dtype!r}.")
+        self.dtype = dtype
+        self.kron_dim = self.dim if kron_dim is None else check_int("kron_dim", kron_dim, minimum=1)
+        self.fold = bool(fold)
+        if fallback not in FLAT_KINDS:
+            raise UnknownKindError(f"Unknown fallback kind {fallback!r}; choose one of {list(FLAT_KINDS)}.")
+        self.fallback = fallback
+        spec = Spec(kind, self.dim, self.seed, scale, self.s, self.memory_budget_bytes, dtype, tile,
+                    self.kron_dim, self.fold, fallback)
+        self._backend = _backend(spec, f"Projection(dim={self.dim:,}, kind={kind!r})")
+        self.tile = self._backend.tile
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    @property
+    def uses_factors(self) -> bool:
+        """True when Linear/Conv layers are projected from their captured factors (``kind="kronecker"``,
+        through :meth:`project_kronecker`) rather than from materialized per-example gradients."""
+        return self._backend.uses_factors
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly description; stored with every result so the convention is never lost."""
+        d: dict[str, Any] = {
+            "kind": self.kind,
+            "dim": self.dim,
+            "seed": self.seed,
+            "scale": self.scale,
+            "expectation": "<phi(a),phi(b)> ~ <a,b>"
+            if self.scale == "unbiased"
+            else "<phi(a),phi(b)> ~ (K/P) <a,b>",
+            "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
+            "generator": f"tangentlens-mix32-v{GEN_VERSION}",
+        }
+        d.update(self._backend.describe())
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Projection:
+        """Rebuild a projection from :meth:`to_dict` output (same matrix)."""
+        dtype = getattr(torch, d["dtype"]) if d.get("dtype") else None
+        options = {k: d[k] for k in _OPTIONS if k in d}
+        return cls(d["dim"], d["kind"], seed=d["seed"], scale=d["scale"], dtype=dtype, **options)
+
+    def __repr__(self) -> str:
+        return (
+            f"Projection(dim={self.dim}, kind={self.kind!r}, seed={self.seed}, scale={self.scale!r}"
+            f"{self._backend.repr_extra()})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Projection) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(repr(sorted(self.to_dict().items())))
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of generated tiles and structures held now (at most ``memory_budget_bytes``, per part
+        for ``"kronecker"``: its layer factors and its fallback each have the budget)."""
+        return self._backend.cache_bytes
+
+    def cache_form(
+        self, total_dim: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> str | None:
+        """How a dense kind holds the tiles of its ``K x total_dim`` matrix on ``device`` in ``dtype``,
+        decided on first use from the budget left: ``"full"`` (the compute dtype), ``"int8"`` or
+        ``"bits"`` (Rademacher only: 1 byte or 1 bit per entry), or ``"none"`` (regenerated on every
+        call). None for ``"sjlt"`` and ``"srht"``, which cache their structures while the budget
+        lasts; ``"kronecker"`` answers for its fallback."""
+        total_dim = check_int("total_dim", total_dim, minimum=1)
+        return self._backend.cache_form(total_dim, torch.device(device), dtype)
+
+    def clear_cache(self) -> None:
+        """Drop every cached tile (frees memory; results do not change)."""
+        self._backend.clear_cache()
+
+    # ---------------------------------------------------------------- flattened projection
+
+    def project(self, g: Tensor, offset: int = 0, total_dim: int | None = None) -> Tensor:
+        """Project rows of a column slice: returns ``g @ R[:, offset:offset + p].T``, shape ``(n, K)``.
+
+        Args:
+            g: ``(n, p)`` rows (examples or (example, class) pairs) of flattened gradient entries
+                that occupy columns ``[offset, offset + p)`` of a ``P = total_dim`` vector.
+            offset: First global column of ``g``.
+            total_dim: ``P``, the length of the full vector (default ``offset + p``). Only the
+                ``"reference"`` scale (``1/sqrt(P)``) and error checks depend on it.
+
+        Returns:
+            ``(n, K)`` in the compute dtype. Summing the results over a partition of ``[0, P)``
+            equals projecting the full vector; rows never depend on which other rows are in the
+            batch. ``"kronecker"`` projects with its ``fallback`` kind.
+
+        Cost: dense kinds ``2 n p K`` flops plus generating ``p K`` entries unless cached;
+        ``"sjlt"`` ``O(n p s)``; ``"srht"`` ``2 n T (a + b)`` flops per touched tile (``T = a b``),
+        ``K n`` memory.
+
+        Raises:
+            InputError: ``g`` not a 2-D floating tensor, or the column range is outside ``[0, P)``,
+                or ``"srht"`` with ``K > P``.
+            MemoryBudgetError: the call's working set exceeds the memory available.
+        """
+        if not isinstance(g, Tensor) or g.dim() != 2:
+            raise InputError(
+                f"project() expects a 2-D tensor (rows x columns), got "
+                f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}; flatten per row."
+            )
+        if not g.dtype.is_floating_point:
+            raise InputError(f"project() expects a floating tensor, got {g.dtype}.")
+        p = g.shape[1]
+        offset = check_int("offset", offset, minimum=0)
+        total = offset + p if total_dim is None else check_int("total_dim", total_dim, minimum=1)
+        if offset + p > total:
+            raise InputError(
+                f"columns [{offset}, {offset + p}) exceed total_dim={total}; pass the full length P."
+            )
+        return self._backend.project(g.to(self.dtype or g.dtype), offset, total)
+
+    __call__ = project
+
+    def matrix(self, total_dim: int, *, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The explicit ``(K, P)`` matrix (for tests and small ``P`` only: ``K P`` floats).
+
+        Raises:
+            MemoryBudgetError: the ``P x P`` identity it projects and the result do not fit in memory.
+        """
+        total_dim = check_int("total_dim", total_dim, minimum=1)
+        check_memory(
+            (total_dim * total_dim + 2 * total_dim * self._backend.kpad) * dtype.itemsize, "cpu",
+            f"Projection.matrix({total_dim:,})",
+            "matrix() is for small P only; project the vectors with project() instead",
+        )
+        eye = torch.eye(total_dim, dtype=dtype)
+        return self.project(eye, 0, total_dim).T.contiguous()
+
+    # ---------------------------------------------------------------- Kronecker projection
+
+    def _kronecker(self) -> KroneckerBackend:
+        if not isinstance(self._backend, KroneckerBackend):
+            raise InputError(
+                f"Kronecker sketches need kind='kronecker'; this projection is kind={self.kind!r}."
+            )
+        return self._backend
+
+    def kronecker_dims(self, d_in: int, d_out: int) -> tuple[int, int]:
+        """The ``(k_in, k_out)`` used for a layer with ``d_in`` inputs and ``d_out`` outputs.
+
+        Allocation: the relative variance of a Kronecker sketch is about ``1/k_in + 1/k_out``,
+        minimized at ``k_in = k_out = sqrt(kron_dim)`` under ``k_in k_out <= kron_dim``. Each side
+        is capped at its dimension (a side with ``k = d`` uses the identity: exact, no variance),
+        and the budget freed by a cap goes to the other side. So ``k_in k_out <= kron_dim`` and
+        equals it when the layer allows.
+
+        Raises:
+            InputError: the projection is not ``kind="kronecker"``; a size not a positive integer.
+        """
+        return self._kronecker().kronecker_dims(d_in, d_out)
+
+    def kronecker_factors(
+        self,
+        key: str | int,
+        d_in: int,
+        d_out: int,
+        *,
+        k_in: int | None = None,
+        k_out: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float64,
+    ) -> tuple[Tensor, Tensor]:
+        """The explicit factors ``(P_in, P_out)`` of layer ``key``: ``(k_in, d_in)`` and ``(k_out, d_out)``
+        with +-1/sqrt(k) entries (the identity for a side with ``k = d``), so that
+        :meth:`project_kronecker` returns ``vec(G) @ (P_out (x) P_in)^T``. For tests and small layers.
+
+        Raises:
+            InputError: the projection is not ``kind="kronecker"``; a ``k`` outside ``[1, d]``.
+        """
+        kr = self._kronecker()
+        ki, ko = kr.kronecker_dims(d_in, d_out)
+        ki = ki if k_in is None else check_int("k_in", k_in, minimum=1)
+        ko = ko if k_out is None else check_int("k_out", k_out, minimum=1)
+        if ki > d_in or ko > d_out:
+            raise InputError(f"k_in={ki} > d_in={d_in} or k_out={ko} > d_out={d_out}; use k <= d.")
+        dev = torch.device(device)
+        out = []
+        for side, d, k in (("in", d_in, ki), ("out", d_out, ko)):
+            pt = kr.factor(key, side, d, k, dev, dtype)
+            out.append(torch.eye(d, dtype=dtype, device=dev) if pt is None else pt.T.contiguous())
+        return out[0], out[1]
+
+    def _kron_factor(
+        self, key: str | int, side: str, d: int, k: int, device: torch.device, dtype: torch.dtype
+    ) -> Tensor | None:
+        """``P^T`` (``(d, k)``) of one side, or None for the identity; :meth:`kronecker_factors` is the
+        public form (this one remains for tests/test_projected_kernels.py)."""
+        return self._kronecker().factor(key, side, d, k, device, dtype)
+
+    def project_kronecker(
+        self,
+        a: Tensor,
+        delta: Tensor,
+        key: str | int,
+        *,
+        d_in: int,
+        d_out: int,
+        total_dim: int | None = None,
+        k_in: int | None = None,
+        k_out: int | None = None,
+    ) -> Tensor:
+        """Kronecker sketch of a layer whose per-example gradient is ``G = sum_t delta_t a_t^T``.
+
+        Returns ``vec(sum_t (P_out delta_t)(P_in a_t)^T) = (P_out (x) P_in) vec(G)`` (row-major vec,
+        index ``o * k_in + i``) without forming ``G``: ``P_in`` (``k_in x d_in``) and ``P_out``
+        (``k_out x d_out``) have i.i.d. +-1/sqrt(k) entries seeded by ``(seed, key)``, so
+        ``E[(P_out (x) P_in)^T (P_out (x) P_in)] = I`` (unbiased). With ``fold=True`` the result is
+        then CountSketched (s = 1, keyed by the layer) into ``dim`` coordinates, still unbiased, so
+        the features of all layers and of :meth:`project` can be summed.
+
+        Args:
+            a: ``(n, T, d_in)`` input activations (``T`` positions; unfold patches for
+                convolutions), or ``(n, d_in)`` for ``T = 1``.
+            delta: ``(n, M, T, d_out)`` output gradients per probe ``m``, or ``(n, M, d_out)``.
+            key: Layer identifier (e.g. the module's qualified name); seeds ``P_in`` and ``P_out``.
+            d_in, d_out: Layer sizes (checked against the tensors).
+            total_dim: ``P`` of the whole parameter vector; required for ``scale="reference"``,
+                which multiplies the unbiased features by ``sqrt(dim / P)`` (the convention
+                ``E<phi(a), phi(b)> = (K/P) <a, b>`` with ``K = dim``, as for :meth:`project`).
+            k_in, k_out: Override :meth:`kronecker_dims`.
+
+        Returns:
+            ``(n, M, k_out * k_in)``, or ``(n, M, dim)`` when ``fold=True``.
+
+        Cost: ``2 n T (d_in k_in + M d_out k_out + M k_out k_in)`` flops; memory ``n M k_out k_in``.
+
+        Raises:
+            InputError: the projection is not ``kind="kronecker"``; shapes that do not match; a ``k``
+                larger than its side; ``scale="reference"`` without ``total_dim``.
+            MemoryBudgetError: the call's working set exceeds the memory available.
+        """
+        return self._kronecker().project_kronecker(a, delta, key, d_in, d_out, total_dim, k_in, k_out)
