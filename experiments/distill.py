@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from protocol import load_split  # noqa: E402
+from protocol import binary_scores, load_split  # noqa: E402
 
 from models import SETTINGS, CenteredModel, make_model, predict_logits  # noqa: E402
 from tangentlens import (  # noqa: E402
@@ -69,8 +69,8 @@ def main() -> None:
         for name, est, target in fits:
             t = time.perf_counter()
             est.fit(Ktr, target)
-            z = np.asarray(est.logits(Kte))
-            r = faithfulness(nte, z[:, 1] - z[:, 0], split.y_test, tau_mode="class1", drop_saturated=True)
+            z = binary_scores(est, Kte)
+            r = faithfulness(nte, z, split.y_test, tau_mode="class1", drop_saturated=True)
             results[name].append(r)
             print(f"seed {seed} {name}: tau {r.tau:.3f} TAD {100 * r.tad:+.2f} pp R2 {r.r2:.3f} "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)

@@ -13,7 +13,8 @@ For every seed: train the reference model (``experiments/models.py``), compute t
   network's soft outputs ``[1 - sigmoid(f), sigmoid(f)]`` at the training points,
 * a distilled kernel ridge regression on the network's logits (``KernelRidgeSurrogate(alpha=1e-3)``),
 
-and score each with :func:`tangentlens.faithfulness.faithfulness` in the reference mode (Kendall τ-b on
+and score each surrogate's ``comparison_logits`` (as one class-1 log-odds per point, :func:`binary_scores`)
+with :func:`tangentlens.faithfulness.faithfulness` in the reference mode (Kendall τ-b on
 the class-1 probability, saturated float32 probabilities dropped) plus the true-class τ, TAD, the
 misclassification overlap Γ and its binomial p-value. One JSON per seed (``seed_0007.json``) makes runs
 resumable: seeds with a result are skipped, and a group's training state is checkpointed after every
@@ -78,10 +79,16 @@ def load_split(data: str, data_root: Path, n_train: int | None, n_test: int | No
     )
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p.astype(np.float64), 1e-300, 1.0)
-    q = np.clip(1.0 - p, 1e-300, 1.0)
-    return np.log(p) - np.log(q)
+def binary_scores(surrogate: Any, K_test: np.ndarray) -> np.ndarray:
+    """(n,) class-1 log-odds of a two-class surrogate: the difference of the two columns of its
+    ``comparison_logits`` (the scores :mod:`tangentlens.surrogate` compares with a network).
+
+    The decision value ``d`` for the kGLMs (SGD: ``log σ(d) − log σ(−d)``; L-BFGS: ``d/2 − (−d/2)``) and
+    for ridge, ``logit(p)`` of the Platt probability ``p`` for the kernel SVM: one score per point, on
+    the scale of the one-logit network.
+    """
+    z = surrogate.comparison_logits(K_test)
+    return z[:, 1] - z[:, 0]
 
 
 def tau_reference_literal(nn_logit: np.ndarray, sur_score: np.ndarray) -> tuple[float, int]:
@@ -143,7 +150,7 @@ def run_seed(
     t0 = time.perf_counter()
     kglm = KernelSurrogate(solver="sgd", alpha=1e-4, class_weight="balanced", random_state=seed)
     kglm.fit(K_tr, ytr)
-    z_kglm = kglm.decision_function(K_te)
+    z_kglm = binary_scores(kglm, K_te)
     t["kglm"] = time.perf_counter() - t0
     rec["kglm"] = _scores(nn_test, z_kglm, yte)
     rec["kglm"]["train_acc"] = float(kglm.score(K_tr, ytr))
@@ -153,15 +160,14 @@ def run_seed(
     soft = np.stack([1.0 - p_tr, p_tr], axis=1)
     dist = KernelSurrogate(solver="lbfgs", alpha=1e-4, class_weight=None, max_iter=distill_max_iter, tol=1e-5)
     dist.fit(K_tr, soft)
-    z_dist = dist.decision_function(K_te)
+    z_dist = binary_scores(dist, K_te)
     t["distilled"] = time.perf_counter() - t0
     rec["distilled"] = _scores(nn_test, z_dist, yte)
 
     # the most faithful surrogate measured (distill.py): kernel ridge regression on the network's logits
     t0 = time.perf_counter()
     ridge = KernelRidgeSurrogate(alpha=1e-3).fit(K_tr, np.stack([np.zeros_like(nn_train), nn_train], 1))
-    zr = np.asarray(ridge.logits(K_te))
-    z_ridge = zr[:, 1] - zr[:, 0]
+    z_ridge = binary_scores(ridge, K_te)
     t["ridge"] = time.perf_counter() - t0
     rec["ridge"] = _scores(nn_test, z_ridge, yte)
 
@@ -169,11 +175,12 @@ def run_seed(
         t0 = time.perf_counter()
         # the reference's SVC; the surrogate converts the float32 kernels to libsvm's float64 itself
         svm = KernelSVMSurrogate(random_state=seed).fit(K_tr, ytr)
+        z_svm = binary_scores(svm, K_te)
         p_svm = svm.predict_proba(K_te)[:, 1]
         pred_svm = svm.predict(K_te)
         t["ksvm"] = time.perf_counter() - t0
         # Platt probabilities can disagree with predict(); accuracy uses predict() as the reference.
-        rec["ksvm"] = _scores(nn_test, _logit(p_svm), yte)
+        rec["ksvm"] = _scores(nn_test, z_svm, yte)
         rec["ksvm"]["surrogate_acc"] = float((pred_svm == yte).mean())
         rec["ksvm"]["tad"] = rec["ksvm"]["surrogate_acc"] - rec["nn_test_acc"]
         wrong_n, wrong_s = (nn_test > 0) != yte, pred_svm != yte

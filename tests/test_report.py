@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from html import escape
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,20 +178,30 @@ def test_gallery_query_colors(tmp_path) -> None:
 # ------------------------------------------------------------------ the demo's report
 
 
+class _FakeExplanation:
+    """What the verdict reads of an explanation: k, the points' coverages, the disagreements, the size."""
+
+    def __init__(self, coverages, disagreements, n):
+        self.k, self.disagreements, self.n = 3, disagreements, n
+        self.points = [SimpleNamespace(coverage_pos=c, coverage_neg=c / 2) for c in coverages]
+
+    def __iter__(self):
+        return iter(self.points)
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def test_verdict_in_words() -> None:
-    from types import SimpleNamespace
+    from tangentlens.demo import SURROGATES, verdict_in_words
 
-    from tangentlens.demo import SURROGATES, _verdict
-
-    specs = {s.name: s for s in SURROGATES}
     rows = [
         {"kernel": "trNTK", "target": "labels", "tau": 0.70, "TAD (pp)": -0.5},
         {"kernel": "trNTK", "target": "distilled", "tau": 0.95, "TAD (pp)": 0.0},
         {"kernel": "CK", "target": "labels", "tau": 0.40, "TAD (pp)": 1.0},
     ]
-    pts = [SimpleNamespace(coverage_pos=c, coverage_neg=c / 2) for c in (0.1, 0.2, 0.3)]
-    expl = type("E", (), {"disagreements": [7], "__iter__": lambda self: iter(pts)})()
-    text = _verdict(rows, specs, 1e-4, rows[1], expl, 100, 3, [2, 7])
+    expl = _FakeExplanation((0.1, 0.2, 0.3), [7], 100)
+    text = verdict_in_words(rows, SURROGATES, 1e-4, expl, [2, 7])
     assert text.startswith("The trNTK kGLM distilled from the network's softmax probabilities")
     assert "tracks the network most closely: Kendall τ = 0.95" in text
     assert "the same way 97.5% of the time" in text
@@ -199,6 +210,11 @@ def test_verdict_in_words() -> None:
     assert "least faithful is CK / labels (τ = 0.40)" in text
     assert "median 20% of the positive contributions" in text and "10% of the negative" in text
     assert "different classes on 1 of 100 test digits; the gallery shows 1 of them (test digit 7" in text
+    # a surrogate on the true labels wins: no "among surrogates fitted only on the true labels" sentence
+    rows[0]["tau"] = 0.99
+    text = verdict_in_words(rows, SURROGATES, 1e-4, _FakeExplanation((0.1,), [], 50), [2])
+    assert text.startswith("The trNTK kGLM fitted on the true labels (L2 alpha = 0.0001)")
+    assert "Among surrogates" not in text and text.endswith("on 0 of 50 test digits.")
 
 
 def _small_demo(tmp_path, **overrides):
@@ -238,13 +254,15 @@ def test_demo_report_verdict_labels_and_explanations(tmp_path) -> None:
     assert ex["surrogate"] == {"kernel": best["kernel"], "target": best["target"]}
     assert ex["target"] == "network" and ex["k"] == 2 and len(ex["points"]) == 60
     for p in ex["points"]:
-        assert p["target_class"] == p["network_class"]
-        assert p["agrees"] == (p["network_class"] == p["surrogate_class"])
-        assert 0 <= p["coverage_pos"] <= 1 and 0 <= p["coverage_neg"] <= 1
-        assert 1 <= len(p["proponents"]) <= 2 and {"train_index", "label", "contribution"} <= set(
-            p["proponents"][0])
-        assert p["positive_total"] + p["negative_total"] == pytest.approx(
-            p["logit"] - p["intercept"], abs=1e-9)
+        assert p["target_source"] == "network" and p["target_label"] == p["network_label"]
+        assert p["agrees"] == (p["network_label"] == p["predicted_label"])
+        assert p["true_label"] in range(10) and p["classes"] == []
+        t = p["target"]
+        assert 0 <= t["coverage_pos"] <= 1 and 0 <= t["coverage_neg"] <= 1
+        assert 1 <= len(t["proponents"]) <= 2 and {"index", "label", "contribution", "kernel"} <= set(
+            t["proponents"][0])
+        assert t["positive_total"] + t["negative_total"] == pytest.approx(
+            t["logit"] - t["intercept"], abs=1e-9)
     assert ex["disagreements"] == [p["test_index"] for p in ex["points"] if not p["agrees"]]
     assert len(ex["gallery"]) == 3
     # the explanation the demo returns is the network's class by the most faithful surrogate

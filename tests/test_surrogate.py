@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from scipy import stats
+from scipy.special import softmax
+from sklearn.base import BaseEstimator
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, SGDClassifier
@@ -88,6 +90,61 @@ def test_binary_symmetric_storage(binary):
         assert_allclose(m.class_coef_[1] - m.class_coef_[0], m.coef_[0], atol=1e-10)
     m = _fitted("lbfgs", K, y)
     assert_allclose(m.predict_proba(Kt)[:, 1], 1 / (1 + np.exp(-m.decision_function(Kt))))
+
+
+# --------------------------------------------------------------------------- comparison logits
+
+
+@pytest.mark.parametrize("kind", ["lbfgs", "sgd", "ridge", "svm"])
+@pytest.mark.parametrize("task", ["binary", "digits"])
+def test_comparison_logits_are_the_models_own_probabilities(kind, task, request):
+    """softmax(comparison_logits) is the surrogate's predict_proba, for every surrogate."""
+    K, Kt, y, _ = request.getfixturevalue(task)
+    m = _fitted(kind, K, y)
+    Z = m.comparison_logits(Kt)
+    assert Z.shape == (len(Kt), len(m.classes_)) and Z.dtype == np.float64
+    assert np.all(np.isfinite(Z))
+    assert_allclose(softmax(Z, axis=1), m.predict_proba(Kt), rtol=1e-10, atol=1e-12)
+    if kind in ("lbfgs", "ridge"):
+        assert_array_equal(Z, m.logits(Kt))  # the linear scores
+    else:
+        assert_allclose(Z, np.log(m.predict_proba(Kt)), rtol=1e-10, atol=1e-12)  # log-probabilities
+    if task == "binary" and kind != "svm":
+        assert_allclose(Z[:, 1] - Z[:, 0], m.decision_function(Kt), rtol=1e-10, atol=1e-9)
+
+
+def test_sgd_log_probabilities_stay_finite_where_probabilities_underflow(binary, digits):
+    for K, Kt, y, _ in (binary, digits):
+        m = _fitted("sgd", K, y)
+        far = 1e4 * Kt  # decision values in the thousands: sigmoids underflow to exactly 0
+        with np.errstate(divide="ignore"):
+            assert np.isneginf(np.log(m.predict_proba(far))).any()
+        L = m.predict_log_proba(far)
+        assert np.all(np.isfinite(L))
+        assert_array_equal(L, m.comparison_logits(far))
+        P = m.predict_proba(far)
+        ok = P > 1e-300  # where scikit-learn's probability is representable: its logarithm
+        assert_allclose(L[ok], np.log(P[ok]), rtol=1e-9, atol=1e-12)
+        assert np.all(L[~ok] < np.log(1e-300))
+
+
+def test_svm_without_probability_compares_decision_logits(binary):
+    K, Kt, y, _ = binary
+    m = KernelSVMSurrogate(probability=False).fit(K, y)
+    assert_array_equal(m.comparison_logits(Kt), m.logits(Kt))
+
+
+def test_the_fitting_solver_answers_predictions(digits):
+    """Predictions come from the solver that fitted the model, whatever ``solver`` says now."""
+    K, Kt, y, _ = digits
+    m = _fitted("sgd", K, y)
+    P = m.predict_proba(Kt)
+    assert m.solver_used_ == "sgd"
+    m.set_params(solver="lbfgs")
+    assert_array_equal(m.predict_proba(Kt), P)
+    m.fit(K, y)
+    assert m.solver_used_ == "lbfgs"
+    assert_allclose(m.predict_proba(Kt), softmax(m.logits(Kt), axis=1))
 
 
 # --------------------------------------------------------------------------- reference SGD
@@ -231,9 +288,10 @@ def test_svm_is_svc_precomputed(binary, digits):
 
 def test_svm_without_svc_probability(binary, digits, monkeypatch):
     """scikit-learn >= 1.11 has no SVC(probability=...): Platt scaling via CalibratedClassifierCV."""
-    import tangentlens.surrogate as surrogate
+    def get_params_without_probability(self, deep=True):  # scikit-learn >= 1.11's SVC
+        return {k: v for k, v in BaseEstimator.get_params(self, deep).items() if k != "probability"}
 
-    monkeypatch.setattr(surrogate, "_svc_has_probability", lambda: False)
+    monkeypatch.setattr(SVC, "get_params", get_params_without_probability)
     for K, Kt, y, _ in (binary, digits):
         ref = SVC(kernel="precomputed", random_state=5).fit(K, y)
         m = KernelSVMSurrogate(random_state=5).fit(K, y)

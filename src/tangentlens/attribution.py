@@ -31,10 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
+from scipy.special import expit
 from torch import Tensor, nn
 
-from .api import DEFAULT_MEMORY_BUDGET, features, train_test_kernels
+from .api import features, train_test_kernels
 from .errors import InputError, NonFiniteError
+from .faithfulness import log_odds64, softmax64
 from .inputs import Source, move_batch
 from .network import ParameterSpec, call_model, extract_logits, prepared
 from .probes import check_labels, labels_mode
@@ -59,7 +61,7 @@ def attribute(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
 ) -> Tensor:
     r"""Counterfactual attribution scores τ(x, z_i) of every test target to every training point.
 
@@ -200,12 +202,8 @@ def _logits(model: nn.Module, src: Source, *, device: Any, dtype: torch.dtype | 
 def _resolve_labels(labels: Any, logits: Sequence[Tensor], from_src: Tensor | None, arg: str, name: str
                     ) -> Tensor:
     """Labels as a long (or 0/1) tensor: the ensemble's predictions, the given ones, or the source's."""
-    if _is_predicted(labels):
-        z = logits[0]
-        if z.shape[1] == 1:
-            p = torch.stack([torch.sigmoid(t[:, 0]) for t in logits]).mean(0)
-            return (p > 0.5).long()
-        return torch.stack([torch.softmax(t, 1) for t in logits]).mean(0).argmax(1)
+    if _is_predicted(labels):  # argmax of the mean probability; one logit: [1 − σ(z), σ(z)]
+        return torch.from_numpy(np.mean([softmax64(z) for z in logits], axis=0).argmax(1))
     y = from_src if labels is None else torch.as_tensor(labels)
     if y is None:
         raise InputError(
@@ -216,13 +214,12 @@ def _resolve_labels(labels: Any, logits: Sequence[Tensor], from_src: Tensor | No
 
 
 def _q(z: Tensor, y: Tensor) -> Tensor:
-    """q_i = 1 − p_{y_i}(x_i) (N,) float64 from logits (N, C); sigmoid for one logit."""
-    C = z.shape[1]
-    y = check_labels(y, C, "margin")
-    if C == 1:
-        sign = 2 * y.to(z.dtype) - 1
-        return torch.sigmoid(-sign * z[:, 0])
-    return 1 - torch.softmax(z, 1).gather(1, y.long().reshape(-1, 1))[:, 0]
+    """q_i = 1 − p_{y_i}(x_i) = σ(−m_i) (N,) float64, m the label's log-odds; one logit z reads as [0, z].
+
+    Through the log-odds (:func:`tangentlens.faithfulness.log_odds64`), so q keeps its relative
+    precision when p_y rounds to 1 (a confident, correctly classified training point)."""
+    y = check_labels(y, z.shape[1], "margin")
+    return torch.from_numpy(expit(-log_odds64(z, y)))
 
 
 def _default_lam(trace: float, n: int) -> float:
