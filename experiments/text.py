@@ -12,9 +12,9 @@ input of the last layer) is computed once and cached; the network the kernels se
 full model restricted to ``parameters=[layer 6, head]`` (checked by ``--check-full`` on a few
 examples).
 
-Kernels (``tangentlens.api.kernel``): trNTK, trNTK0 (scaled by the std of its train x train block, as
-the reference did), pNTK, Em (outputs of the last encoder layer), CK (the pooled features feeding the
-head) and Grad-Cos (cosine of loss gradients; needs labels: with the *true* test labels it leaks
+Kernels (``tangentlens.compute``, one pass per kind): trNTK, trNTK0 (scaled by the std of its train x train
+block, as the reference did), pNTK, Em (outputs of the last encoder layer), CK (the pooled features
+feeding the head) and Grad-Cos (cosine of loss gradients; needs labels: with the *true* test labels it leaks
 them, so the predicted-label variant is reported too). Each kernel gets a kGLM with the reference's
 BERT settings (``KernelSurrogate(solver="sgd", alpha=1e-2, class_weight="balanced")``, true labels);
 faithfulness is Kendall τ on the true-class probability, TAD, Γ and p.
@@ -46,10 +46,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tangentlens.api import kernel  # noqa: E402
+from tangentlens import KernelBlocks, compute, kernel  # noqa: E402
 from tangentlens.datasets.text import read_spam_assassin  # noqa: E402
 from tangentlens.faithfulness import aggregate, faithfulness, format_mean_se  # noqa: E402
-from tangentlens.kinds import cosine_normalize  # noqa: E402
 from tangentlens.surrogate import KernelSurrogate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,7 +168,7 @@ def finetune(
     return time.perf_counter() - t0
 
 
-def kernels_for(
+def kernel_blocks(
     top: TopModel,
     Xtr: dict[str, torch.Tensor],
     Xte: dict[str, torch.Tensor],
@@ -177,17 +176,11 @@ def kernels_for(
     yte: torch.Tensor,
     kind: str,
     bs: int,
-    memo: dict[str, torch.Tensor] | None = None,
     cache_bytes: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train x train, test x train) kernels of one kind, float64 numpy.
+) -> KernelBlocks:
+    """The raw (train x train, test x train) blocks of one kind, with their diagonals (one capture per text).
 
-    One symmetric kernel over the concatenated [train; test] texts gives both blocks (each text's
-    gradients are captured once). trNTK is the cosine normalization of trNTK0, so with a ``memo`` the
-    two share one computation.
-    """
-    n = ytr.shape[0]
-    X = {k: torch.cat([Xtr[k], Xte[k]]) for k in Xtr}
+    trNTK and trNTK0 share the blocks of ``kind="trntk0"``: :func:`surrogate_kernels` derives both."""
     kw: dict[str, Any] = {"batch_size": bs, "cache_bytes": cache_bytes}
     k = kind
     if kind not in ("em", "ck"):
@@ -198,30 +191,28 @@ def kernels_for(
     if kind == "em":
         kw["modules"] = [top.layer]
     elif kind == "gradcos":  # true labels everywhere: the test labels leak into the surrogate
-        kw["labels"] = torch.cat([ytr, yte])
+        kw["labels"], kw["test_labels"] = ytr, yte
     elif kind == "gradcos_pred":  # the network's predicted labels (no leak)
         k = "gradcos"
-        kw["labels"] = "predicted"
+        kw["labels"] = kw["test_labels"] = "predicted"
     elif kind in ("trntk", "trntk0"):
         k = "trntk0"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if k == "trntk0" and memo is not None and "trntk0" in memo:
-            K = memo["trntk0"]
-        else:
-            K = kernel(top, X, kind=k, **kw)
-            if k == "trntk0" and memo is not None:
-                memo["trntk0"] = K
-    K = K.detach().double()
+        return compute(top, Xtr, Xte, kind=k, **kw)
+
+
+def surrogate_kernels(blocks: KernelBlocks, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train x train, test x train) float64 numpy kernels of ``kind`` from its raw blocks: trNTK is their
+    cosine normalization; trNTK0 is scaled by the std of its train x train block (the reference's scaling);
+    the other kinds take their kind's normalization."""
     if kind == "trntk":
-        d = torch.diagonal(K).clone()
-        K = cosine_normalize(K.clone(), d, d)
-        K.fill_diagonal_(1.0)
-    K_tr, K_te = K[:n, :n].numpy(), K[n:, :n].numpy()
-    if kind == "trntk0":  # the reference scales trNTK0 by the std of its train x train block
-        sd = float(K_tr.std())
-        K_tr, K_te = K_tr / sd, K_te / sd
-    return K_tr, K_te
+        blocks = blocks.normalized()
+    elif kind == "trntk0":
+        blocks = blocks.scaled()
+    K_tr, K_te = blocks.kernels()
+    assert K_te is not None
+    return K_tr.double().numpy(), K_te.double().numpy()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -280,13 +271,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"seed {seed}: network test acc {100 * rec['nn_test_acc']:.2f}%", flush=True)
         if args.check_full and seed == 0:
             rec["check_full_max_abs_diff"] = check_full(enc, top, ids_tr[:6], m_tr[:6], Xtr)
-        memo: dict[str, torch.Tensor] = {}
+        computed: dict[str, KernelBlocks] = {}  # trNTK and trNTK0 share one computation
         for kind in args.kinds:
             t1 = time.perf_counter()
-            K_tr, K_te = kernels_for(
-                top, Xtr, Xte, ytr, yte, kind, args.batch_size, memo,
-                None if args.cache_gb is None else int(args.cache_gb * 2**30),
-            )
+            base = "trntk0" if kind in ("trntk", "trntk0") else kind
+            if base not in computed:
+                computed[base] = kernel_blocks(
+                    top, Xtr, Xte, ytr, yte, kind, args.batch_size,
+                    None if args.cache_gb is None else int(args.cache_gb * 2**30),
+                )
+            K_tr, K_te = surrogate_kernels(computed[base], kind)
             tk = time.perf_counter() - t1
             sur = KernelSurrogate(solver="sgd", alpha=args.alpha, class_weight="balanced", random_state=seed)
             sur.fit(K_tr, ytr.numpy())

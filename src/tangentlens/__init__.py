@@ -1,14 +1,18 @@
 """tangentlens: explain neural networks with empirical neural tangent kernel surrogates.
 
-Functional core: :func:`kernel`, :func:`train_test_kernels`, :func:`features`, :func:`iter_features`
-(and :class:`Projection` for the projected variants). Surrogates: :class:`KernelSurrogate` and its
+Functional core: :func:`kernel`, :func:`train_test_kernels`, :func:`compute` (:class:`KernelBlocks`),
+:func:`features`, :func:`iter_features` (:class:`Featurizer`), all configured by keywords or a
+:class:`KernelConfig` (and :class:`Projection` for the projected variants).
+Surrogates: :class:`KernelSurrogate` and its
 baselines. Faithfulness: :func:`faithfulness`, :func:`aggregate`. Explanations: :func:`explain`,
 :func:`most_similar`. Counterfactual attribution: :func:`attribute`, :func:`top_attributions`,
 :func:`kglm_contributions`.
 """
 
-from .api import available_kinds, features, iter_features, kernel, train_test_kernels
+from .api import available_kinds, compute, features, iter_features, kernel, train_test_kernels
 from .attribution import TopAttributions, attribute, kglm_contributions, top_attributions
+from .blocks import KernelBlocks
+from .config import KernelConfig
 from .errors import (
     DeviceError,
     InputError,
@@ -26,6 +30,7 @@ from .errors import (
 )
 from .explain import explain, most_similar
 from .faithfulness import FaithfulnessResult, aggregate, faithfulness, format_mean_se
+from .features import Featurizer
 from .lds import LDSResult, SubsetRetrainer, SubsetRuns, lds, margins, subset_masks
 from .probes import output_probes
 from .projection import FidelityReport, Projection, fidelity, fidelity_curve
@@ -39,6 +44,10 @@ __all__ = [
     "features",
     "iter_features",
     "available_kinds",
+    "compute",
+    "KernelConfig",
+    "KernelBlocks",
+    "Featurizer",
     "Projection",
     "output_probes",
     "fidelity",

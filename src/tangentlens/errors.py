@@ -57,3 +57,19 @@ class UnsupportedLayerError(TangentLensError, ValueError):
 
 class MemoryBudgetWarning(UserWarning):
     """A call splits its blocks (or keeps layers factored) to stay within its memory budget; said once."""
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside the library (the user's line), however
+    deep in the library the warning is raised."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame = sys._getframe(1)
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

@@ -1,18 +1,17 @@
-"""Kernel kinds as data, block Gram accumulation and block-aware cosine normalization."""
+"""Kernel kinds as data: what each kind differentiates, how it is assembled, which options it accepts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
-from .capture import BlockCapture
 from .errors import InputError, UnknownKindError
 
 # Options of kernel / train_test_kernels / features / iter_features that only some kinds accept: the
 # option's name -> (its default: any other value is "given", what accepts it in words). Which kinds accept
 # which of them is the ``options`` field of each KindSpec below.
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "hooks", "functional")
+"""How per-example gradients are taken: layer rules with the exact fallback, rules only, or torch.func."""
+
 GRADIENT_OPTIONS: frozenset[str] = frozenset({"parameters", "projection", "implementation"})
 TRACE_OPTIONS: frozenset[str] = GRADIENT_OPTIONS | {"probes", "probe_seed"}
 LABEL_OPTIONS: frozenset[str] = frozenset({"labels", "other_labels", "test_labels"})
@@ -125,56 +124,3 @@ def check_options(spec: KindSpec, **given: object) -> None:
             f"{option}= applies only to {OPTION_GROUPS[option]} ({names}), not to kind={spec.name!r}: remove "
             f"{option}= (or pass {option}={default!r}), or use {use}."
         )
-
-
-def block_gram(c1: BlockCapture, c2: BlockCapture, full: bool, groups: bool = False
-               ) -> Tensor | dict[str, Tensor]:
-    """Gram block between two captured blocks: (B1, B2) trace over probes, or (B1, B2, M, M) if ``full``.
-
-    With ``groups=True`` returns ``{layer group: block}`` (the kernel is the sum of its layer kernels).
-    Cost per layer with one position: B1·B2·(d_in + M·d_out) multiply-adds; materialized groups
-    B1·B2·M·p.
-    """
-    parts: dict[str, Tensor] = {}
-    for a, b in zip(c1.caps, c2.caps):
-        g = a.gram(b, full)  # type: ignore[arg-type]
-        parts[a.group] = parts[a.group] + g if a.group in parts else g
-    if groups:
-        return parts
-    vals = list(parts.values())
-    out = vals[0]
-    for v in vals[1:]:
-        out = out + v
-    return out
-
-
-def block_sqnorms(c: BlockCapture) -> Tensor:
-    """(B, M) squared norms of the per-example, per-probe gradients (the kernel's diagonal)."""
-    vals = [cap.sqnorms() for cap in c.caps]
-    out = vals[0]
-    for v in vals[1:]:
-        out = out + v
-    return out
-
-
-def cosine_normalize(K: Tensor, d1: Tensor, d2: Tensor) -> Tensor:
-    """Block-aware cosine normalization, in place: K[i, j] / sqrt(d1[i] d2[j]).
-
-    For a full eNTK block (N1, N2, C, C), ``d1`` (N1, C) and ``d2`` (N2, C) are per-class diagonals and entry
-    (i, j, c, c') becomes the cosine between g_c(x_i) and g_c'(x_j). Zero diagonals leave zeros.
-    """
-    r1 = _rsqrt(d1)
-    r2 = _rsqrt(d2)
-    if K.dim() == 2:
-        K.mul_(r1[:, None]).mul_(r2[None, :])
-    else:
-        K.mul_(r1[:, None, :, None]).mul_(r2[None, :, None, :])
-    return K
-
-
-def _rsqrt(d: Tensor) -> Tensor:
-    d = d.clamp(min=0)
-    out = torch.zeros_like(d)
-    pos = d > 0
-    out[pos] = d[pos].rsqrt()
-    return out

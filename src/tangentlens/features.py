@@ -1,0 +1,233 @@
+"""Features: per-example feature rows whose inner products are the kernel, flat or projected.
+
+The only room that knows both the captures (:mod:`tangentlens.capture`) and the projections
+(:mod:`tangentlens.projection`). A :class:`Featurizer` holds one engine over a private working copy of the
+model for any number of blocks; between blocks nothing is left installed on the caller's model (modes,
+``requires_grad`` flags and hooks are set for each block's capture and restored before it is returned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import cosine_normalize
+from .capture import BlockCapture, DenseCap, OuterCap
+from .config import KernelConfig
+from .engine import Engine
+from .errors import NonFiniteError
+from .inputs import Block, Source
+from .memory import resolve_budget
+from .network import HookStash, check_materialized, eval_mode, place, requiring_grad, select_parameters
+from .projection import Projection
+
+
+class Featurizer:
+    """Feature rows of blocks of examples for one model and configuration (a context manager).
+
+    ``with Featurizer(model, config) as f: for start, rows in f.blocks(x): ...`` — or
+    :meth:`transform` of one :class:`~tangentlens.inputs.Block` at a time (what a distributed worker does).
+    The first block plans the block size from the memory budget and runs
+    the first-block checks; their decisions (materialized layers, fallbacks) hold for every later block.
+
+    Rows are (B, M·P) for the trace kinds (probe-major, parameters in ``named_parameters`` order), (B, C, P)
+    for ``"entk"``, (B, P) for the one-probe kinds, and (B, M·K) / (B, C, K) with a projection; scaled to
+    unit norm when the config normalizes. Rows are returned on the CPU.
+
+    Args:
+        model: the network (left untouched between blocks; a differing ``dtype``/``device`` works on one
+            private copy).
+        config: the configuration (kind, parameters, projection, dtype, device, budget).
+        predicted: use the network's predicted labels (the label kinds with ``labels="predicted"``).
+
+    Raises:
+        DeviceError, ParameterSelectionError: at construction.
+    """
+
+    def __init__(self, model: nn.Module, config: KernelConfig, *, predicted: bool = False) -> None:
+        check_materialized(model)
+        self.config = config
+        self.model = model
+        self.predicted = predicted
+        self._selected = select_parameters(model, config.parameters) if config.spec.probes != "none" else {}
+        self._work: nn.Module | None = None
+        self._device = torch.device("cpu")
+        self._dtype = torch.float32
+        self._engine: Engine | None = None
+        self._hooks: HookStash | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    def __enter__(self) -> Featurizer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the engine's hooks (they are stashed between blocks already; this frees them)."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    # ----------------------------------------------------------------------------------------------
+    def blocks(self, data: Any, labels: Any = None) -> Iterator[tuple[int, Tensor]]:
+        """``(start_row, rows)`` of every block of ``data`` in order, split to the planned block size.
+
+        Args:
+            data: what :func:`tangentlens.features` takes (tensor, dict of tensors, (inputs, labels) pair,
+                Dataset, non-shuffling DataLoader), read in blocks of the config's ``batch_size``.
+            labels: labels for the label kinds (a tensor; ``"predicted"`` is the constructor's ``predicted``).
+        """
+        src = data if isinstance(data, Source) else Source(data, self.config.batch_size, labels, "inputs")
+        for blk in src.blocks():
+            with self._attached():
+                size = self._ensure_engine().plan(blk)
+            for sub in blk.split(size):
+                yield sub.start, self.transform(sub)
+
+    def transform(self, blk: Block) -> Tensor:
+        """Feature rows of one block (the first block plans the block size; later ones should fit it)."""
+        with self._attached():
+            eng = self._ensure_engine()
+            eng.plan(blk)
+            cap = eng.capture(blk.x, blk.y)
+            rows = self._rows_of(cap)
+            del cap
+        return rows
+
+    # ----------------------------------------------------------------------------------------------
+    def _ensure_engine(self) -> Engine:
+        if self._engine is None:
+            assert self._work is not None
+            proj = self.config.projection
+            materialize = "kronecker" if proj is not None and proj.uses_factors else "all"
+            cfg = self.config.replace(parameters=tuple(self._selected)) if self._selected else self.config
+            self._engine = Engine(
+                self._work, cfg, device=self._device, dtype=self._dtype, predicted=self.predicted,
+                budget=resolve_budget(self.config.memory_budget, None, self._device), materialize=materialize,
+            )
+        return self._engine
+
+    @contextmanager
+    def _attached(self) -> Iterator[None]:
+        """The working model in eval mode, the selected parameters requiring grad and the engine's hooks
+        installed; all restored (hooks stashed) on exit."""
+        if self._work is None:
+            self._work, self._device, self._dtype = place(
+                self.model, device=self.config.device, dtype=self.config.torch_dtype)
+            self._hooks = HookStash(self._work)
+        wparams = dict(self._work.named_parameters())
+        hooks = self._hooks
+        assert hooks is not None
+        with eval_mode(self.model, self._work), requiring_grad([wparams[n] for n in self._selected]):
+            if self._engine is None:
+                hooks.mark()
+            else:
+                hooks.restore()
+            try:
+                yield
+            finally:
+                hooks.stash()
+
+    def _rows_of(self, cap: BlockCapture) -> Tensor:
+        spec, norm, proj = self.config.spec, self.config.normalized, self.config.projection
+        if proj is None:
+            mats: dict[str, Tensor] = {}
+            for c in cap.caps:
+                mats.update(c.materialize())
+            keys = list(self._selected) if self._selected else list(mats)
+            return feature_rows(torch.cat([mats[k] for k in keys], dim=2), spec.full, norm)
+        assert self._work is not None
+        wparams = dict(self._work.named_parameters())
+        sizes = {n: wparams[n].numel() for n in self._selected}
+        return feature_rows(project_capture(cap, sizes, proj), spec.full, norm)
+
+
+def feature_rows(G: Tensor, full: bool, norm: bool) -> Tensor:
+    """Per-example feature rows from (B, M, D) per-probe features: (B, M, D) for a full kind, else (B, M·D);
+    with ``norm``, scaled to unit norm (per probe for a full kind). Returned on the CPU."""
+    if not full:
+        G = G.reshape(G.shape[0], -1)
+    if norm:
+        G = G / G.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    return G.cpu()
+
+
+def project_capture(cap: BlockCapture, sizes: dict[str, int], proj: Projection) -> Tensor:
+    """(B, M, K') projected per-probe features of one block: Kronecker-factored layers projected from their
+    factors (when ``proj.uses_factors``), every other parameter slice projected at its global column
+    offset (``sizes``: the selected parameters' sizes in order), maximal runs of adjacent slices per call."""
+    offsets: dict[str, int] = {}
+    total = 0
+    for n, k in sizes.items():
+        offsets[n] = total
+        total += k
+    B, M = cap.size, _probes_of(cap)
+    flat: Tensor | None = None
+    kron: list[Tensor] = []
+    slices: dict[str, Tensor] = {}
+    for c in cap.caps:
+        if proj.uses_factors and isinstance(c, OuterCap) and c.weight is not None:
+            d_out, d_in = c.delta.shape[3], c.a.shape[2]
+            f = proj.project_kronecker(c.a, c.delta, c.weight, d_in=d_in, d_out=d_out, total_dim=total)
+            if proj.fold:
+                flat = f.reshape(B * M, -1) if flat is None else flat + f.reshape(B * M, -1)
+            else:
+                kron.append(f)
+            if c.bias is not None:
+                slices[c.bias] = c.delta.sum(2)
+        else:
+            slices.update(c.materialize())
+    run: list[Tensor] = []
+    run_start = 0
+    names = [n for n in sizes if n in slices]
+    for i, n in enumerate(names):
+        if not run:
+            run_start = offsets[n]
+        run.append(slices[n].reshape(B * M, -1))
+        nxt = names[i + 1] if i + 1 < len(names) else None
+        if nxt is None or offsets[nxt] != offsets[n] + sizes[n]:
+            g = run[0] if len(run) == 1 else torch.cat(run, 1)
+            pr = proj.project(g, run_start, total)
+            flat = pr if flat is None else flat + pr
+            run = []
+    parts = kron + ([flat.reshape(B, M, -1)] if flat is not None else [])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _probes_of(cap: BlockCapture) -> int:
+    c = cap.caps[0]
+    if isinstance(c, DenseCap):
+        return next(iter(c.grads.values())).shape[1]
+    return c.delta.shape[1]
+
+
+def feature_gram(F1: Tensor, F2: Tensor | None, full: bool) -> Tensor:
+    """Φ1 Φ2ᵀ of feature rows (Φ1 Φ1ᵀ when ``F2`` is None): (N1, N2), or (N1, N2, M, M) for a full kind.
+
+    Raises:
+        NonFiniteError: NaN or infinite values.
+    """
+    F2 = F1 if F2 is None else F2
+    K = torch.einsum("imk,jnk->ijmn", F1, F2) if full else F1 @ F2.T
+    if not torch.isfinite(K).all():
+        raise NonFiniteError("NaN or infinite projected kernel values.")
+    return K
+
+
+def feature_sqnorms(F: Tensor) -> Tensor:
+    """The kernel's diagonal from feature rows: (N,) squared row norms ((N, M) per probe for a full kind)."""
+    return (F * F).sum(-1)
+
+
+def feature_kernel(F1: Tensor, F2: Tensor | None, full: bool, norm: bool) -> Tensor:
+    """Φ1 Φ2ᵀ (Φ1 Φ1ᵀ if ``F2`` is None, with an exact unit diagonal), cosine-normalized on request."""
+    K = feature_gram(F1, F2, full)
+    if norm:
+        d1 = feature_sqnorms(F1)
+        cosine_normalize(K, d1, d1 if F2 is None else feature_sqnorms(F2), unit_diagonal=F2 is None)
+    return K
