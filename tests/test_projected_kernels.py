@@ -52,9 +52,8 @@ def test_kronecker_features_equal_dense_kronecker_oracle() -> None:
         k_in, k_out = proj.kronecker_dims(d_in, d_out)
         assert k_in < d_in  # really projected (a side with k == d is the identity)
         f64 = torch.float64
-        Pin = proj._kron_factor(name, "in", d_in, k_in, torch.device("cpu"), f64)  # (d_in, k_in) = P_in^T
-        Pout = proj._kron_factor(name, "out", d_out, k_out, torch.device("cpu"), f64)
-        Pout = torch.eye(d_out, dtype=f64) if Pout is None else Pout
+        P_in, P_out = proj.kronecker_factors(name, d_in, d_out, dtype=f64)  # (k_in, d_in), (k_out, d_out)
+        Pin, Pout = P_in.T, P_out.T
         G = J[:, :, off : off + p.numel()].reshape(5, 3, d_out, d_in)
         parts.append(torch.einsum("ncoi,ok,ij->nckj", G, Pout, Pin).reshape(5, 3, -1))
         off += p.numel()

@@ -46,7 +46,7 @@ Data flow (one module per step):
 from .activations import ActivationCapture
 from .caps import BlockCapture, Cap, DenseCap, EmbeddingCap, OuterCap, position_gram
 from .fallback import Fallback
-from .gradients import IMPLEMENTATIONS, GradientCapture, ProbeFn
+from .gradients import GradientCapture, ProbeFn
 from .plan import (
     DENSE_ADVANTAGE,
     GRAM_TILE_BYTES,
@@ -72,7 +72,6 @@ from .rules import (
 __all__ = [
     "DENSE_ADVANTAGE",
     "GRAM_TILE_BYTES",
-    "IMPLEMENTATIONS",
     "RULES",
     "ActivationCapture",
     "BlockCapture",

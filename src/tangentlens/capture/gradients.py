@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError, NonFiniteError, UnsupportedLayerError, UnsupportedLayerWarning
 from ..inputs import Batch, batch_size_of, slice_batch
+from ..kinds import IMPLEMENTATIONS
 from ..network import call_model, extract_logits
 from .caps import BlockCapture, Cap, OuterCap
 from .fallback import Fallback
@@ -37,8 +38,6 @@ from .rules import OuterRule, Rule, rule_for
 ProbeFn = Callable[[Tensor, "Tensor | None"], Tensor]
 """Maps detached logits (B, C) and labels (B,) or None to probe vectors (B, M, C)."""
 
-IMPLEMENTATIONS = ("auto", "hooks", "functional")
-"""How per-example gradients are computed (see :class:`GradientCapture`)."""
 
 _EXPANSION_FAILED = (
     "These modules are called on inputs shared by the whole batch (batch dimension 1), and giving each "

@@ -316,13 +316,6 @@ class Projection:
             out.append(torch.eye(d, dtype=dtype, device=dev) if pt is None else pt.T.contiguous())
         return out[0], out[1]
 
-    def _kron_factor(
-        self, key: str | int, side: str, d: int, k: int, device: torch.device, dtype: torch.dtype
-    ) -> Tensor | None:
-        """``P^T`` (``(d, k)``) of one side, or None for the identity; :meth:`kronecker_factors` is the
-        public form (this one remains for tests/test_projected_kernels.py)."""
-        return self._kronecker().factor(key, side, d, k, device, dtype)
-
     def project_kronecker(
         self,
         a: Tensor,
