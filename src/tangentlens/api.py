@@ -183,7 +183,7 @@ def kernel(
     lab2, pred2 = labels_mode(other_labels)
     src1 = Source(inputs, cfg.batch_size, lab1, "inputs")
     if spec.needs_labels and other is not None:
-        check_label_modes(src1, pred1, pred2, ("labels", "other_labels"), warn=spec.name == "gradcos")
+        check_label_modes(src1, pred1, pred2, ("labels", "other_labels"), warn=spec.leaks_labels)
     if cfg.projection is not None:
         if by_layer:
             raise InputError("by_layer=True is not available with a projection (features mix the layers).")
@@ -256,7 +256,7 @@ def _blocks(
     lab_te, pred_te = labels_mode(test_labels)
     src_te = None if test is None else Source(test, cfg.batch_size, lab_te, "test")
     if spec.needs_labels and src_te is not None:
-        check_label_modes(src_te, pred_te, pred_tr, ("test_labels", "labels"), warn=spec.name == "gradcos")
+        check_label_modes(src_te, pred_te, pred_tr, ("test_labels", "labels"), warn=spec.leaks_labels)
     if cfg.projection is not None:
         if by_layer:
             raise InputError("by_layer=True is not available with a projection (features mix the layers).")

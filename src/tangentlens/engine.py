@@ -68,7 +68,7 @@ class Engine:
         self.acts: ActivationCapture | None = None
         self.grads: GradientCapture | None = None
         self.params: dict[str, nn.Parameter] = {}
-        if spec.probes == "none":
+        if not spec.gradients:
             self.acts = ActivationCapture(model, spec.name, config.modules)
         else:
             self.params = select_parameters(model, config.parameters)
@@ -158,7 +158,7 @@ class Engine:
 def open_engine(model: nn.Module, config: KernelConfig, predicted: bool) -> Iterator[Engine]:
     """An engine on the prepared (eval-mode, placed) model; everything is restored on exit."""
     with prepared(model, device=config.device, dtype=config.torch_dtype) as (work, dev, dt):
-        sel = select_parameters(model, config.parameters) if config.spec.probes != "none" else {}
+        sel = select_parameters(model, config.parameters) if config.spec.gradients else {}
         wparams = dict(work.named_parameters())
         with requiring_grad([wparams[n] for n in sel]):
             if sel:

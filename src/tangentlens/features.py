@@ -53,7 +53,7 @@ class Featurizer:
         self.config = config
         self.model = model
         self.predicted = predicted
-        self._selected = select_parameters(model, config.parameters) if config.spec.probes != "none" else {}
+        self._selected = select_parameters(model, config.parameters) if config.spec.gradients else {}
         self._work: nn.Module | None = None
         self._device = torch.device("cpu")
         self._dtype = torch.float32

@@ -51,6 +51,8 @@ class KindSpec:
         full: keep every probe pair (the C×C eNTK blocks) instead of the trace over matching probes.
         normalize: default of the block-aware cosine normalization.
         needs_labels: labels are required (loss gradients, margins).
+        leaks_labels: true labels of the explained points leak into a surrogate built on this kernel
+            (Grad-Cos): warned about; the margin kind's labels define the attributed output instead.
         options: the kind-specific options (keys of ``OPTION_DEFAULTS``) this kind accepts; passing any
             other of them with a non-default value is an error (:func:`check_options`).
     """
@@ -60,7 +62,13 @@ class KindSpec:
     full: bool
     normalize: bool
     needs_labels: bool = False
+    leaks_labels: bool = False
     options: frozenset[str] = frozenset()
+
+    @property
+    def gradients(self) -> bool:
+        """The kind is built from per-example parameter gradients (not forward activations)."""
+        return self.probes != "none"
 
 
 KINDS: dict[str, KindSpec] = {
@@ -68,7 +76,7 @@ KINDS: dict[str, KindSpec] = {
     "trntk": KindSpec("trntk", "onehot", False, True, options=TRACE_OPTIONS),
     "trntk0": KindSpec("trntk0", "onehot", False, False, options=TRACE_OPTIONS),
     "pntk": KindSpec("pntk", "sum", False, False, options=TRACE_OPTIONS),
-    "gradcos": KindSpec("gradcos", "loss", False, True, needs_labels=True,
+    "gradcos": KindSpec("gradcos", "loss", False, True, needs_labels=True, leaks_labels=True,
                         options=GRADIENT_OPTIONS | LABEL_OPTIONS),
     # margin gradients (TRAK's output function; counterfactual attribution uses the raw kernel)
     "margin": KindSpec("margin", "margin", False, False, needs_labels=True,
