@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
             tk = time.perf_counter() - t1
             sur = KernelSurrogate(solver="sgd", alpha=args.alpha, class_weight="balanced", random_state=seed)
             sur.fit(K_tr, ytr.numpy())
-            fr = faithfulness(z_te, sur.logits(K_te), yte.numpy(), tau_mode="true_class")
+            fr = faithfulness(z_te, sur.comparison_logits(K_te), yte.numpy(), tau_mode="true_class")
             d = {k: v for k, v in fr.to_dict().items() if k != "tau_mode"}
             d["kernel_seconds"] = tk
             rec["kinds"][kind] = d

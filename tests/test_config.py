@@ -158,3 +158,12 @@ def test_featurizer_leaves_the_model_untouched_between_blocks() -> None:
     next(it)
     assert m.training and not any(mod._forward_hooks for mod in m.modules())
     assert {n: p.requires_grad for n, p in m.named_parameters()} == before
+
+
+def test_featurizer_block_size_is_taken_as_given() -> None:
+    m = to64(cnn())
+    x = data("cnn", 9)
+    with tl.Featurizer(m, tl.KernelConfig(kind="pntk", batch_size=8), block_size=3) as f:
+        starts = [s for s, _ in f.blocks(x)]
+        assert f.planned_block_size == 3
+    assert starts == [0, 3, 6, 8]

@@ -438,7 +438,7 @@ def test_gradcos_label_leak_warned_for_every_labelled_source(mlp: nn.Module) -> 
 
 
 def test_scikit_learn_floor_matches_the_api_used() -> None:
-    # validate_data and __sklearn_tags__ (surrogate.py) appeared in scikit-learn 1.6
+    # validate_data and __sklearn_tags__ (tangentlens.surrogate) appeared in scikit-learn 1.6
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     floor = re.search(r'"scikit-learn>=([0-9.]+)"', text)
     assert floor is not None and tuple(int(v) for v in floor.group(1).split(".")[:2]) >= (1, 6)

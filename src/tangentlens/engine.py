@@ -40,6 +40,7 @@ class Engine:
         budget: the call's memory budget.
         materialize: what the consumer of the captures needs: "chosen" (kernels: layers materialize where
             the plan finds it cheaper), "all" (flat features), "kronecker" (Kronecker-projected features).
+        block_size: examples per capture, overriding the plan's choice (the plan still runs).
 
     ``n_cache`` (set by the kernel passes before the first block) is how many examples' captures may be
     kept at once; the plan uses it to decide which layers to materialize.
@@ -55,12 +56,14 @@ class Engine:
         predicted: bool,
         budget: Budget,
         materialize: str = "chosen",
+        block_size: int | None = None,
     ) -> None:
         spec = config.spec
         self.device = device
         self.dtype = dtype
         self.budget = budget
         self.limit = config.batch_size
+        self.forced_block = block_size
         self.materialize = materialize
         self.n_cache = 0
         self.block: int | None = None  # examples per capture, planned on the first block
@@ -108,15 +111,15 @@ class Engine:
 
     def _plan(self, blk: Block) -> None:
         if self.grads is None:
-            self.block = self.limit
+            self.block = self.limit if self.forced_block is None else self.forced_block
             return
         x = move_batch(blk.x, self.device, self.dtype)
         plan = self.grads.plan(
             x, blk.y, limit=self.limit, n_cache=self.n_cache, cache_budget=self.budget.cache,
             work_budget=self.budget.work, materialize=self.materialize, trial=self._trial_size(x),
         )
-        self.block = plan.block
-        if plan.capture is not None:
+        self.block = plan.block if self.forced_block is None else self.forced_block
+        if plan.capture is not None and self.block >= batch_size_of(x):
             self._pending = (blk.x, plan.capture)
         if plan.fits < min(self.limit, blk.size) or plan.dropped:
             what = []

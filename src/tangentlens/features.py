@@ -19,7 +19,7 @@ from .blocks import cosine_normalize
 from .capture import BlockCapture, DenseCap, OuterCap
 from .config import KernelConfig
 from .engine import Engine
-from .errors import NonFiniteError
+from .errors import InputError, NonFiniteError
 from .inputs import Block, Source
 from .memory import resolve_budget
 from .network import HookStash, check_materialized, eval_mode, place, requiring_grad, select_parameters
@@ -43,13 +43,27 @@ class Featurizer:
             private copy).
         config: the configuration (kind, parameters, projection, dtype, device, budget).
         predicted: use the network's predicted labels (the label kinds with ``labels="predicted"``).
+        block_size: examples per capture, instead of the size the memory plan picks (the plan still runs its
+            first-block checks). Captures of the same rows in the same block sizes are bit-identical, so a
+            resumed featurization that records and reuses the block size reproduces an uninterrupted one.
 
     Raises:
         DeviceError, ParameterSelectionError: at construction.
     """
 
-    def __init__(self, model: nn.Module, config: KernelConfig, *, predicted: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: KernelConfig,
+        *,
+        predicted: bool = False,
+        block_size: int | None = None,
+    ) -> None:
         check_materialized(model)
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
+            raise InputError(f"block_size must be a positive integer; got {block_size!r}.")
+        self.block_size = block_size
         self.config = config
         self.model = model
         self.predicted = predicted
@@ -89,6 +103,11 @@ class Featurizer:
             for sub in blk.split(size):
                 yield sub.start, self.transform(sub)
 
+    @property
+    def planned_block_size(self) -> int | None:
+        """Examples per capture once the first block has been planned (``None`` before)."""
+        return None if self._engine is None else self._engine.block
+
     def transform(self, blk: Block) -> Tensor:
         """Feature rows of one block (the first block plans the block size; later ones should fit it)."""
         with self._attached():
@@ -109,6 +128,7 @@ class Featurizer:
             self._engine = Engine(
                 self._work, cfg, device=self._device, dtype=self._dtype, predicted=self.predicted,
                 budget=resolve_budget(self.config.memory_budget, None, self._device), materialize=materialize,
+                block_size=self.block_size,
             )
         return self._engine
 

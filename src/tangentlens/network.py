@@ -29,7 +29,7 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # the library's code runs inside the model's forward (hooks) or calls it: an exception raised in one of its
 # files is the library's own, not the model's, and is never re-labelled as bad input. The demo's network is
 # a user model like any other.
-_USER_MODEL_FILES = frozenset({os.path.join(_PACKAGE, "demo.py")})
+_USER_MODEL_FILES = frozenset({os.path.join(_PACKAGE, "demo", "network.py")})
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
 _DTYPE_WORDS = re.compile(r"dtype|scalar type|type \(|\b(Long|Int|Float|Double|Half|BFloat16|Bool)\b")
 _OOM_ERRORS: tuple[type[BaseException], ...] = (
