@@ -249,12 +249,12 @@ def test_batch_size_invariance_and_input_forms() -> None:
     sym_recomputed = tl.kernel(m, x, kind="trntk", dtype=torch.float64, batch_size=3, cache_bytes=0)
     torch.testing.assert_close(sym_recomputed, ref)
     # the default budget follows the free memory; explicit budgets are taken as given
-    from tangentlens.memory import resolve_budget as _budget
+    from tangentlens.memory import resolve_budget
 
     cpu = torch.device("cpu")
-    b = _budget(None, None, cpu)
+    b = resolve_budget(None, None, cpu)
     assert b.total >= 2**29 and b.cache == b.total // 2 and b.work >= b.total // 2
-    assert _budget(2**30, 12345, cpu).cache == 12345 and _budget(2**30, None, cpu).work == 2**29
+    assert resolve_budget(2**30, 12345, cpu).cache == 12345 and resolve_budget(2**30, None, cpu).work == 2**29
     full = tl.kernel(m, x, kind="entk", dtype=torch.float64, batch_size=3, normalize=True)
     full0 = tl.kernel(m, x, kind="entk", dtype=torch.float64, batch_size=3, normalize=True, cache_bytes=0)
     torch.testing.assert_close(full0, full)
