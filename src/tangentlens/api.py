@@ -185,11 +185,7 @@ def kernel(
     if spec.needs_labels and other is not None:
         check_label_modes(src1, pred1, pred2, ("labels", "other_labels"), warn=spec.leaks_labels)
     if cfg.projection is not None:
-        if by_layer:
-            raise InputError("by_layer=True is not available with a projection (features mix the layers).")
-        raw = cfg.replace(normalize=False)
-        F1 = features(model, inputs, labels=labels, config=raw)
-        F2 = None if other is None else features(model, other, labels=other_labels, config=raw)
+        F1, F2 = _projected(model, cfg, by_layer, (inputs, labels), (other, other_labels))
         return feature_kernel(F1, F2, spec.full, cfg.normalized)
     src2 = Source(other, cfg.batch_size, lab2, "other") if other is not None else None
     with open_engine(model, cfg, pred1 or (pred2 and src2 is not None)) as eng:
@@ -198,6 +194,16 @@ def kernel(
             return _finish(acc, d1, d1, cfg.normalized, by_layer, symmetric=True)
         acc, d1, d2 = cross_pass(eng, src1, src2, spec.full, by_layer)
         return _finish(acc, d1, d2, cfg.normalized, by_layer, symmetric=False)
+
+
+def _projected(
+    model: nn.Module, cfg: KernelConfig, by_layer: bool, *sides: tuple[Any, LabelSpec]
+) -> list[Tensor | None]:
+    """Unnormalized projected features of each ``(data, labels)`` side (None for absent data)."""
+    if by_layer:
+        raise InputError("by_layer=True is not available with a projection (features mix the layers).")
+    raw = cfg.replace(normalize=False)
+    return [None if x is None else features(model, x, labels=y, config=raw) for x, y in sides]
 
 
 def _finish(
@@ -258,11 +264,8 @@ def _blocks(
     if spec.needs_labels and src_te is not None:
         check_label_modes(src_te, pred_te, pred_tr, ("test_labels", "labels"), warn=spec.leaks_labels)
     if cfg.projection is not None:
-        if by_layer:
-            raise InputError("by_layer=True is not available with a projection (features mix the layers).")
-        raw = cfg.replace(normalize=False)
-        F_tr = features(model, train, labels=labels, config=raw)
-        F_te = None if test is None else features(model, test, labels=test_labels, config=raw)
+        F_tr, F_te = _projected(model, cfg, by_layer, (train, labels), (test, test_labels))
+        assert F_tr is not None
         if F_te is None:
             return KernelBlocks(feature_gram(F_tr, None, spec.full), None, feature_sqnorms(F_tr), None, cfg)
         return KernelBlocks(feature_gram(F_tr, None, spec.full), feature_gram(F_te, F_tr, spec.full),
