@@ -110,6 +110,7 @@ def test_digits_split_bad_sizes() -> None:
         load_digits_split(5, 100)
 
 
+@pytest.mark.slow
 # ---------------------------------------------------------------------------------------- end to end
 @needs_engine
 def test_demo_quick_end_to_end(tmp_path, capsys) -> None:
@@ -132,6 +133,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys) -> None:
     assert trntk["tau"] > 0.3 and trntk["acc"] > 0.8
 
 
+@pytest.mark.slow
 @needs_engine
 def test_demo_is_deterministic(tmp_path) -> None:
     from tangentlens.demo import KERNELS, SURROGATES, DemoConfig, run_demo

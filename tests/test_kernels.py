@@ -293,6 +293,7 @@ def test_sketched_probes_with_all_classes_equal_exact_trace() -> None:
     torch.testing.assert_close(tl.kernel(m, x, kind="trntk", probes=3, dtype=torch.float64), exact)
 
 
+@pytest.mark.slow
 def test_sketched_probes_unbiased() -> None:
     m = model_of("mlp", 8)
     x = data("mlp", 4)

@@ -231,6 +231,7 @@ def _small_demo(tmp_path, **overrides):
     return res, out.getvalue()
 
 
+@pytest.mark.slow
 def test_demo_report_verdict_labels_and_explanations(tmp_path) -> None:
     from tangentlens.demo import EXPLANATION_COLUMNS, FAITHFULNESS_COLUMNS
 

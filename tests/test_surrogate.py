@@ -170,6 +170,7 @@ def test_sgd_solver_is_the_reference_estimator(task, request):
     assert m.estimator_.get_params() == {**ref.get_params(), "warm_start": False}
 
 
+@pytest.mark.slow
 def test_seeded_fits_are_bit_reproducible(digits, binary):
     for K, _, y, _ in (digits, binary):
         for make in (
@@ -192,6 +193,7 @@ def test_seeded_fits_are_bit_reproducible(digits, binary):
 # --------------------------------------------------------------------------- the L-BFGS solver
 
 
+@pytest.mark.slow
 def test_lbfgs_matches_sklearn_logistic_regression(digits, binary):
     """Objective (1/n) sum CE + alpha/2 ||W||^2 == LogisticRegression with C = 1/(n alpha).
 
@@ -255,6 +257,7 @@ def test_one_hot_soft_targets_equal_labels(digits):
     assert_allclose(a.class_coef_, b.class_coef_, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_distilled_surrogate_tracks_its_teacher(digits):
     """Fitting the teacher's probabilities on train reproduces its confidence ranking on test."""
     K, Kt, y, yt = digits
@@ -286,6 +289,7 @@ def test_svm_is_svc_precomputed(binary, digits):
         KernelSVMSurrogate(random_state=0).fit(K, y).contributions(Kt)
 
 
+@pytest.mark.slow
 def test_svm_without_svc_probability(binary, digits, monkeypatch):
     """scikit-learn >= 1.11 has no SVC(probability=...): Platt scaling via CalibratedClassifierCV."""
     def get_params_without_probability(self, deep=True):  # scikit-learn >= 1.11's SVC
@@ -428,6 +432,7 @@ def _expected_failed_checks(est):
     return out
 
 
+@pytest.mark.slow
 @parametrize_with_checks(
     [
         KernelSurrogate(),
