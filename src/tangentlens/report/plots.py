@@ -5,6 +5,7 @@ Matplotlib runs on its non-interactive ``Agg`` backend, so the figures render on
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def gallery(
         opponent_titles: optional R x k_o extra captions.
         query_colors: optional R matplotlib colours of the query titles and frames (default black;
             e.g. red to flag a row).
-        title: figure title.
+        title: figure title, wrapped to the figure's width.
         cmap: matplotlib colour map of the images.
 
     Returns:
@@ -151,8 +152,15 @@ def gallery(
     kp, ko = p.shape[1], o.shape[1]
     cols = 1 + kp + ko
     plt = _pyplot()
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.4, 1.8 * rows + 0.7), dpi=110,
-                             squeeze=False)
+    # A row is a square image of ~1.3 in under its tallest caption (7 pt: ~0.15 in a line). The title is
+    # wrapped to the width (9 pt: ~0.075 in a character, ~0.17 in a line): a title wider than a narrow
+    # gallery (top_k of 1 or 2) was cut at both edges. Constrained layout keeps captions off the row above.
+    lines = max([2, *(str(t).count("\n") + 1 for t in query_titles or ())])
+    width = 1.3 * cols + 0.4
+    title = "\n".join(textwrap.fill(line, max(20, int(width / 0.075))) for line in title.splitlines())
+    height = (1.35 + 0.15 * lines) * rows + 0.2 + (0.17 * (title.count("\n") + 1) if title else 0.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), dpi=110, squeeze=False,
+                             layout="constrained")
     for r in range(rows):
         cells = [(q[r], query_titles[r] if query_titles else f"query {r}",
                   query_colors[r] if query_colors is not None else "black")]
@@ -193,10 +201,12 @@ def _as_images(a: np.ndarray, ndim: int, name: str) -> np.ndarray:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    """Lay out, write (creating the folder) and close a figure; return its path."""
-    fig.tight_layout()
+    """Lay out (tight, unless the figure has its own layout engine), write (creating the folder) and close
+    a figure; return its path. The saved canvas grows to hold every artist (``bbox_inches="tight"``)."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight", pad_inches=0.1)
     _pyplot().close(fig)
     return out
