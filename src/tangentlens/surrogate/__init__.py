@@ -49,6 +49,7 @@ Conventions shared by all three:
 """
 
 from .kglm import KernelSurrogate
+from .primal import PrimalKernelSurrogate
 from .ridge import KernelRidgeSurrogate
 from .svm import KernelSVMSurrogate
 
@@ -56,4 +57,5 @@ __all__ = [
     "KernelRidgeSurrogate",
     "KernelSVMSurrogate",
     "KernelSurrogate",
+    "PrimalKernelSurrogate",
 ]
