@@ -34,7 +34,7 @@ from .features import Featurizer
 from .lds import LDSResult, SubsetRetrainer, SubsetRuns, lds, margins, subset_masks
 from .probes import output_probes
 from .projection import FidelityReport, Projection, fidelity, fidelity_curve
-from .surrogate import KernelRidgeSurrogate, KernelSurrogate, KernelSVMSurrogate
+from .surrogate import KernelRidgeSurrogate, KernelSurrogate, KernelSVMSurrogate, PrimalKernelSurrogate
 
 __version__ = "0.1.0"
 
@@ -56,6 +56,7 @@ __all__ = [
     "KernelSurrogate",
     "KernelSVMSurrogate",
     "KernelRidgeSurrogate",
+    "PrimalKernelSurrogate",
     "faithfulness",
     "FaithfulnessResult",
     "aggregate",

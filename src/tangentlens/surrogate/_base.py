@@ -13,7 +13,7 @@ arrays; the estimators override what their wrapped scikit-learn model computes d
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -274,3 +274,37 @@ class KernelMachineMixin:
         """
         K = validate_test_kernel(self, K_test_train)
         return K[:, None, :] * self.class_coef_[None, :, :]
+
+
+def class_weights(
+    class_weight: Literal["balanced"] | dict[Any, float] | None,
+    classes: np.ndarray,
+    y_index: np.ndarray | None,
+    T: Float64Array | None,
+) -> Float64Array:
+    """(C,) class weights: ones (None), ``N / (C * count_c)`` ("balanced"; soft targets count
+    ``T.sum(0)``) or the given ``{label: weight}`` dict (other classes 1).
+
+    Raises:
+        InputError: the dict names a class that is not among the labels.
+    """
+    C = len(classes)
+    if class_weight is None:
+        return np.ones(C)
+    if class_weight == "balanced":
+        counts = np.bincount(y_index, minlength=C) if T is None else T.sum(axis=0)
+        n = counts.sum()
+        with np.errstate(divide="ignore"):
+            w = n / (C * counts.astype(np.float64))
+        w[~np.isfinite(w)] = 0.0
+        return w
+    w = np.ones(C)
+    for key, val in class_weight.items():
+        hits = np.flatnonzero(classes == key)
+        if hits.size == 0:
+            raise InputError(
+                f"class_weight names class {key!r}, which is not among the labels "
+                f"{classes.tolist()}."
+            )
+        w[hits[0]] = float(val)
+    return w

@@ -31,6 +31,7 @@ from ._base import (
     Float64Array,
     KernelMachineMixin,
     check_sample_weight,
+    class_weights,
     decision_from_logits,
     encode_targets,
     linear_scores,
@@ -120,40 +121,6 @@ def _multinomial_loss_grad(
     return loss, gW.ravel()
 
 
-def _class_weights(
-    class_weight: Literal["balanced"] | dict[Any, float] | None,
-    classes: np.ndarray,
-    y_index: np.ndarray | None,
-    T: Float64Array | None,
-) -> Float64Array:
-    """(C,) class weights: ones (None), ``N / (C * count_c)`` ("balanced"; soft targets count
-    ``T.sum(0)``) or the given ``{label: weight}`` dict (other classes 1).
-
-    Raises:
-        InputError: the dict names a class that is not among the labels.
-    """
-    C = len(classes)
-    if class_weight is None:
-        return np.ones(C)
-    if class_weight == "balanced":
-        counts = np.bincount(y_index, minlength=C) if T is None else T.sum(axis=0)
-        n = counts.sum()
-        with np.errstate(divide="ignore"):
-            w = n / (C * counts.astype(np.float64))
-        w[~np.isfinite(w)] = 0.0
-        return w
-    w = np.ones(C)
-    for key, val in class_weight.items():
-        hits = np.flatnonzero(classes == key)
-        if hits.size == 0:
-            raise InputError(
-                f"class_weight names class {key!r}, which is not among the labels "
-                f"{classes.tolist()}."
-            )
-        w[hits[0]] = float(val)
-    return w
-
-
 class _LbfgsSolver(_LinearReadout):
     """Exact multinomial logistic regression by L-BFGS-B; predictions from the linear model."""
 
@@ -168,7 +135,7 @@ class _LbfgsSolver(_LinearReadout):
         if T is None:
             T = np.zeros((n, C))
             T[np.arange(n), d.y_index] = 1.0
-        cw = _class_weights(est.class_weight, d.classes, d.y_index, T)
+        cw = class_weights(est.class_weight, d.classes, d.y_index, T)
         s = d.sw * (T @ cw)
         # Exact reparameterization for conditioning: with column means mu,
         # z = (K - 1 mu^T) W^T + b' and b = b' - W mu. The penalty is on W only, so the optimum is

@@ -79,11 +79,11 @@ from ._base import (
     Float64Array,
     check_finite,
     check_sample_weight,
+    class_weights,
     decision_from_logits,
     encode_targets,
     one_class_error,
 )
-from .kglm import _class_weights
 
 __all__ = ["PrimalKernelSurrogate"]
 
@@ -309,7 +309,7 @@ class PrimalKernelSurrogate(ClassifierMixin, BaseEstimator):
             T = np.zeros((N, len(classes)))
             T[np.arange(N), y_index] = 1.0
         C = T.shape[1]
-        s = sw * (T @ _class_weights(self.class_weight, classes, y_index, T))
+        s = sw * (T @ class_weights(self.class_weight, classes, y_index, T))
 
         # Gram pass: G = ΦᵀΦ and the mean row.
         G = np.zeros((D, D))
