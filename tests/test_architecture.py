@@ -21,7 +21,7 @@ FLOORS: dict[str, int] = {
     "blocks": 4, "engine": 4, "lds": 4,
     "features": 5,
     "api": 6,
-    "attribution": 7,
+    "attribution": 7, "store": 7,
     "__init__": 8,
     "demo": 9,
     "cli": 10,
