@@ -34,6 +34,7 @@ from .features import Featurizer
 from .lds import LDSResult, SubsetRetrainer, SubsetRuns, lds, margins, subset_masks
 from .probes import output_probes
 from .projection import FidelityReport, Projection, fidelity, fidelity_curve
+from .store import FeatureStore, KernelStore, featurize, kernel_from_store
 from .surrogate import KernelRidgeSurrogate, KernelSurrogate, KernelSVMSurrogate, PrimalKernelSurrogate
 
 __version__ = "0.1.0"
@@ -86,5 +87,9 @@ __all__ = [
     "SubsetRuns",
     "subset_masks",
     "margins",
+    "featurize",
+    "FeatureStore",
+    "kernel_from_store",
+    "KernelStore",
     "__version__",
 ]

@@ -1,0 +1,16 @@
+"""Stores on disk (Zarr v3): feature rows of a model on a data set, and kernels computed from them out of
+core — persistent, resumable, checked against the configuration, model and data on reopen.
+
+:func:`featurize` streams a :class:`~tangentlens.Featurizer`'s rows into a :class:`FeatureStore`;
+:func:`kernel_from_store` multiplies stored features block by block into a :class:`KernelStore`. Manifests
+are JSON; nothing is unpickled.
+"""
+
+from .features import FeatureStore
+from .featurize import featurize
+from .fingerprint import data_fingerprint, model_fingerprint
+from .kernels import KernelStore, kernel_from_store
+
+__all__ = [
+    "featurize", "FeatureStore", "kernel_from_store", "KernelStore", "model_fingerprint", "data_fingerprint",
+]
