@@ -1,0 +1,446 @@
+"""``tangentlens featurize | kernel | fit | explain | attribute``: your model's pipeline on disk.
+
+Every kernel ``NAME`` of the config has a folder ``<store>/NAME`` holding::
+
+    train/, test/         feature stores (tangentlens.store.FeatureStore) of the two splits     (featurize)
+    K_train/, K_test/     the N x N and T x N kernels, out of core (tangentlens.store.KernelStore)   (kernel)
+    surrogate-labels/, surrogate-distilled/
+                          the fitted kGLM's coefficients (Zarr: class_coef, class_intercept, classes)  (fit)
+
+``fit`` fits the kGLM from the stored features without the N x N kernel
+(:class:`~tangentlens.surrogate.primal.PrimalKernelSurrogate`) when the features have at most N dimensions,
+otherwise the exact dual kGLM on the stored ``K_train`` (computed when missing); it scores faithfulness on
+the test features and writes ``<store>/fit.json``. ``explain`` streams test x train kernel rows from the
+feature stores (never N x N) for the configured test points. ``attribute`` runs
+:func:`tangentlens.attribute` (the primal D x D form with ``[attribute] projection``) in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from ..attribution import attribute, top_attributions
+from ..errors import InputError, StoreMismatchError
+from ..explain import explain
+from ..faithfulness import faithfulness, softmax64
+from ..inputs import Batch, batch_size_of
+from ..report import text_table
+from .config import KernelSection, RunConfig
+from .loading import UserData, build_model, load_data, network_logits
+
+__all__ = [
+    "StoredSurrogate",
+    "attribute_command",
+    "explain_command",
+    "featurize_command",
+    "fit_command",
+    "kernel_command",
+    "load_surrogate",
+]
+
+SURROGATE_FORMAT = "tangentlens.cli.surrogate"
+_EXPLAIN_ROWS = 256  # test points per streamed block of kernel rows
+
+
+@contextlib.contextmanager
+def _progress(desc: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, unit="block", disable=not enabled, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _selected(cfg: RunConfig, names: Sequence[str] | None) -> list[KernelSection]:
+    return list(cfg.kernels) if not names else [cfg.kernel(n) for n in names]
+
+
+def _labels(ks: KernelSection, data: UserData, split: str) -> Any:
+    """``labels=`` of one split for the label kinds (None for the others)."""
+    if not ks.config.spec.needs_labels:
+        return None
+    if ks.labels == "predicted":
+        return "predicted"
+    return data.y_train if split == "train" else data.y_test
+
+
+def _refuse_existing(path: Path, resume: bool) -> None:
+    if path.exists() and not resume:
+        raise InputError(f"{str(path)!r} already exists; pass --resume to continue it (or reuse it if it is "
+                         "complete), or delete it to start over.")
+
+
+def _open_features(cfg: RunConfig, name: str, split: str) -> Any:
+    from ..store import FeatureStore
+
+    path = cfg.kernel_dir(name) / split
+    if not path.exists():
+        raise InputError(f"no {split} features of kernel {name!r} at {str(path)!r}; run `tangentlens "
+                         f"featurize {cfg.path}` first.")
+    return FeatureStore.open(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# featurize, kernel
+# ----------------------------------------------------------------------------------------------------------
+def featurize_command(cfg: RunConfig, *, kernels: Sequence[str] | None = None, resume: bool = False,
+                      progress: bool = True, stdout: TextIO | None = None) -> list[Path]:
+    """Feature rows of the training and test inputs of every kernel, into ``<store>/NAME/train|test``.
+
+    Resumable: with ``resume`` an interrupted store is continued (finished chunks kept) and a complete one
+    reused; the configuration, model and data must be those it was made with.
+
+    Returns:
+        The feature stores' folders. Cost: :func:`tangentlens.featurize`'s per store.
+
+    Raises:
+        InputError: a store exists and ``resume`` is False; ConfigError: a bad config.
+        StoreMismatchError: ``resume`` on a store made with another config, model or data.
+    """
+    from ..store import featurize
+
+    log = stdout if stdout is not None else sys.stdout
+    selected = _selected(cfg, kernels)
+    model, data = build_model(cfg), load_data(cfg)
+    written = []
+    for ks in selected:
+        for split, x in (("train", data.x_train), ("test", data.x_test)):
+            path = cfg.kernel_dir(ks.name) / split
+            _refuse_existing(path, resume)
+            t0 = time.perf_counter()
+            with _progress(f"featurize {ks.name}/{split}", progress) as cb:
+                fs = featurize(model, x, path, labels=_labels(ks, data, split), config=ks.config, resume=True,
+                               model_id=cfg.model.id, chunk_rows=cfg.store.chunk_rows, progress=cb)
+            print(f"featurize {ks.name}/{split}: {fs.n} rows of shape {fs.row_shape} ({fs.dtype}) -> {path} "
+                  f"({time.perf_counter() - t0:.1f} s)", file=log, flush=True)
+            written.append(path)
+    return written
+
+
+def kernel_command(cfg: RunConfig, *, kernels: Sequence[str] | None = None, resume: bool = False,
+                   progress: bool = True, stdout: TextIO | None = None) -> list[Path]:
+    """The train x train and test x train kernels of every kernel from its feature stores, written block by
+    block into ``<store>/NAME/K_train`` and ``K_test`` (never the whole N x N in memory).
+
+    Returns:
+        The kernel stores' folders. Cost: :func:`tangentlens.kernel_from_store`'s, 2·N·(N/2 + T)·D flops.
+
+    Raises:
+        InputError: no feature store (run ``featurize`` first), or a kernel store exists without ``resume``.
+    """
+    from ..store import kernel_from_store
+
+    log = stdout if stdout is not None else sys.stdout
+    written = []
+    for ks in _selected(cfg, kernels):
+        train, test = _open_features(cfg, ks.name, "train"), _open_features(cfg, ks.name, "test")
+        for out_name, b in (("K_train", None), ("K_test", train)):
+            a = train if b is None else test
+            path = cfg.kernel_dir(ks.name) / out_name
+            _refuse_existing(path, resume)
+            t0 = time.perf_counter()
+            with _progress(f"kernel {ks.name}/{out_name}", progress) as cb:
+                kstore = kernel_from_store(a, b, out=path, block_rows=cfg.store.block_rows, resume=True,
+                                           progress=cb)
+            print(f"kernel {ks.name}/{out_name}: {kstore.shape} -> {path} ({time.perf_counter() - t0:.1f} s)",
+                  file=log, flush=True)
+            written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fit
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoredSurrogate:
+    """A fitted kGLM read back from its store: what :func:`tangentlens.explain` takes.
+
+    Attributes:
+        classes_, class_coef_ (C, N), class_intercept_ (C,): the kGLM's weights.
+        normalized: the kernel is the cosine-normalized one (test rows are normalized before the product).
+        meta: the store's attributes (kernel, target, solver, alpha, the feature stores' fingerprints).
+    """
+
+    classes_: np.ndarray
+    class_coef_: np.ndarray
+    class_intercept_: np.ndarray
+    normalized: bool
+    meta: dict[str, Any]
+
+    @property
+    def n_features_in_(self) -> int:
+        return int(self.class_coef_.shape[1])
+
+    def contributions(self, K_test_train: Any) -> np.ndarray:
+        """``A[n, c, i] = class_coef_[c, i] K[n, i]`` (n, C, N)."""
+        K = np.atleast_2d(np.asarray(K_test_train, dtype=np.float64))
+        return K[:, None, :] * self.class_coef_[None, :, :]
+
+    def logits(self, K_test_train: Any) -> np.ndarray:
+        """``K W^T + b`` (n, C)."""
+        return np.asarray(K_test_train, dtype=np.float64) @ self.class_coef_.T + self.class_intercept_
+
+
+def _identity(fs: Any) -> dict[str, Any]:
+    m = fs.manifest
+    return {k: m.get(k) for k in ("config_fingerprint", "model_fingerprint", "data_fingerprint", "n")}
+
+
+def _save_surrogate(path: Path, sur: Any, meta: dict[str, Any]) -> None:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w")
+    for name, value in (("class_coef", sur.class_coef_), ("class_intercept", sur.class_intercept_),
+                        ("classes", np.asarray(sur.classes_))):
+        arr = np.ascontiguousarray(value)
+        group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape or None,
+                           fill_value=0)[...] = arr
+    group.attrs.update({"format": SURROGATE_FORMAT, **meta})
+
+
+def load_surrogate(cfg: RunConfig, kernel: str, target: str) -> StoredSurrogate:
+    """Read the kGLM that ``fit`` stored for ``kernel`` and ``target``.
+
+    Raises:
+        InputError: nothing stored there (run ``fit`` first).
+        StoreMismatchError: it was fitted on other feature stores than those in the store now.
+    """
+    import zarr
+
+    path = cfg.kernel_dir(kernel) / f"surrogate-{target}"
+    if not (path / "zarr.json").is_file():
+        raise InputError(f"no fitted {target!r} surrogate of kernel {kernel!r} at {str(path)!r}; run "
+                         f"`tangentlens fit {cfg.path}` first.")
+    group = zarr.open_group(str(path), mode="r")
+    meta = dict(group.attrs)
+    if meta.get("format") != SURROGATE_FORMAT:
+        raise InputError(f"{str(path)!r} is not a surrogate written by `tangentlens fit`; delete it and "
+                         "refit.")
+    train = _open_features(cfg, kernel, "train")
+    if meta.get("train") != _identity(train):
+        raise StoreMismatchError(f"the surrogate at {str(path)!r} was fitted on other training features than "
+                                 f"those at {str(train.path)!r} now; rerun `tangentlens fit {cfg.path}`.")
+    return StoredSurrogate(np.asarray(group["classes"][...]),
+                           np.asarray(group["class_coef"][...], np.float64),
+                           np.asarray(group["class_intercept"][...], np.float64), bool(meta["normalized"]),
+                           meta)
+
+
+def _targets(target: str, y_train: np.ndarray, z_train: np.ndarray) -> np.ndarray:
+    return y_train if target == "labels" else softmax64(z_train)
+
+
+def fit_command(cfg: RunConfig, *, kernels: Sequence[str] | None = None, progress: bool = True,
+                stdout: TextIO | None = None) -> list[dict[str, Any]]:
+    """Fit a kGLM per kernel and target from the stored features, score its faithfulness on the test
+    features, store its coefficients and write ``<store>/fit.json``.
+
+    Returns:
+        The faithfulness table's rows. Cost (primal): N·D² + D³ once, then N·D·C per L-BFGS evaluation;
+        (dual): the N x N kernel in memory and N²·C per evaluation.
+
+    Raises:
+        InputError: missing feature stores (run ``featurize`` first).
+    """
+    from ..store import kernel_from_store
+    from ..surrogate import KernelSurrogate
+    from ..surrogate.primal import PrimalKernelSurrogate
+
+    log = stdout if stdout is not None else sys.stdout
+    model, data = build_model(cfg), load_data(cfg)
+    z_train, z_test = network_logits(model, data.x_train), network_logits(model, data.x_test)
+    y_train, y_test = data.y_train.numpy(), data.y_test.numpy()
+    s = cfg.surrogate
+    rows, metrics = [], []
+    jobs = [(ks, t) for ks in _selected(cfg, kernels) for t in s.targets]
+    with _progress("fit", progress) as cb:
+        cb(0, len(jobs))
+        for j, (ks, target) in enumerate(jobs):
+            train, test = _open_features(cfg, ks.name, "train"), _open_features(cfg, ks.name, "test")
+            if (train.n, test.n) != (len(y_train), len(y_test)):
+                raise StoreMismatchError(
+                    f"the feature stores of {ks.name!r} hold {train.n} / {test.n} rows but the data has "
+                    f"{len(y_train)} / {len(y_test)} examples; rerun `tangentlens featurize` on this data.")
+            norm = train.config.normalized
+            D = int(np.prod(train.row_shape))
+            solver = s.solver if s.solver != "auto" else ("primal" if D <= train.n else "dual")
+            t0 = time.perf_counter()
+            if solver == "primal":
+                sur: Any = PrimalKernelSurrogate(alpha=s.alpha, normalize=norm, max_iter=s.max_iter)
+                sur.fit(train.features, _targets(target, y_train, z_train))
+                scores = sur.comparison_logits(test.features)
+            else:
+                # the kernel stores of `tangentlens kernel`, computed (or finished) here when missing
+                kdir, rows_ = cfg.kernel_dir(ks.name), cfg.store.block_rows
+                K = kernel_from_store(train, out=kdir / "K_train", block_rows=rows_, resume=True)
+                Kt = kernel_from_store(test, train, out=kdir / "K_test", block_rows=rows_, resume=True)
+                options = {} if s.max_iter is None else {"max_iter": s.max_iter}
+                sur = KernelSurrogate(alpha=s.alpha, random_state=0, **options)
+                sur.fit(K[...].astype(np.float64), _targets(target, y_train, z_train))
+                scores = sur.comparison_logits(Kt[...].astype(np.float64))
+            seconds = time.perf_counter() - t0
+            _save_surrogate(cfg.kernel_dir(ks.name) / f"surrogate-{target}", sur, {
+                "kernel": ks.name, "target": target, "solver": solver, "alpha": s.alpha, "normalized": norm,
+                "train": _identity(train), "test": _identity(test)})
+            res = faithfulness(z_test, scores, y_test)
+            metrics.append({"kernel": ks.name, "target": target, **res.to_dict()})
+            rows.append({"kernel": ks.name, "target": target, "solver": solver, "tau": res.tau,
+                         "TAD (pp)": 100.0 * res.tad, "Gamma": res.gamma, "R2": res.r2,
+                         "acc": res.surrogate_acc, "fit s": seconds})
+            cb(j + 1, len(jobs))
+    print(text_table(rows, digits=4), file=log, flush=True)
+    out = cfg.store.path / "fit.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_jsonable({"config": str(cfg.path), "rows": rows, "faithfulness": metrics}),
+                              indent=2) + "\n", encoding="utf-8")
+    print(f"fit: {out}", file=log, flush=True)
+    return rows
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if np.isfinite(v) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# explain, attribute
+# ----------------------------------------------------------------------------------------------------------
+def _points(points: tuple[int, ...] | int, n_test: int, where: str) -> np.ndarray:
+    if isinstance(points, int):
+        return np.arange(min(points, n_test))
+    idx = np.asarray(points, dtype=np.int64)
+    if idx.max() >= n_test:
+        raise InputError(f"{where} points: index {int(idx.max())} is out of range; the test set has {n_test} "
+                         "points.")
+    return idx
+
+
+def _take(x: Batch, idx: np.ndarray) -> Batch:
+    t = torch.as_tensor(idx)
+    return x[t] if isinstance(x, torch.Tensor) else {k: v[t] for k, v in x.items()}
+
+
+def _kernel_rows(test: Any, train: Any, idx: np.ndarray, normalized: bool, block: int) -> np.ndarray:
+    """K[idx, :] = ⟨φ(test_i), φ(train_j)⟩ (cosine with ``normalized``), streamed over training blocks."""
+    uniq, inverse = np.unique(idx, return_inverse=True)  # zarr reads sorted, distinct rows
+    rows = np.asarray(test.features.oindex[uniq], dtype=np.float64)[inverse]
+    if normalized:
+        sq = np.asarray(test.sqnorms.oindex[uniq], dtype=np.float64)[inverse]
+        rows *= np.divide(1.0, np.sqrt(sq), out=np.zeros_like(sq), where=sq > 0)[:, None]
+    K = np.empty((len(idx), train.n))
+    for start, B in train.iter_blocks(block, normalized=normalized):
+        K[:, start:start + len(B)] = rows @ B.astype(np.float64).T
+    return K
+
+
+def explain_command(cfg: RunConfig, *, progress: bool = True, stdout: TextIO | None = None) -> Path:
+    """Explain the network's predicted class on ``[explain] points`` test points with the stored kGLM of
+    ``[explain] kernel`` / ``target``: top-k proponents and opponents and their coverage, written as JSON.
+
+    Kernel rows come from the feature stores, ``_EXPLAIN_ROWS`` test points at a time (T·N, never N x N).
+
+    Returns:
+        The JSON file. Cost: per block of test points one pass over the training features (rows·N·D flops).
+
+    Raises:
+        InputError: no fitted surrogate or feature store (run ``featurize`` and ``fit`` first).
+    """
+    log = stdout if stdout is not None else sys.stdout
+    e = cfg.explain
+    model, data = build_model(cfg), load_data(cfg)
+    sur = load_surrogate(cfg, e.kernel, e.target)
+    train, test = _open_features(cfg, e.kernel, "train"), _open_features(cfg, e.kernel, "test")
+    idx = _points(e.points, data.n_test, f"{cfg.path}: [explain]")
+    y_train, y_test = data.y_train.numpy(), data.y_test.numpy()
+    block = max(1, min(train.n, 2**22 // max(1, int(np.prod(train.row_shape)))))
+    points: list[dict[str, Any]] = []
+    disagreements: list[int] = []
+    with _progress(f"explain {e.kernel}/{e.target}", progress) as cb:
+        steps = range(0, len(idx), _EXPLAIN_ROWS)
+        cb(0, len(steps))
+        for j, s in enumerate(steps):
+            part = idx[s:s + _EXPLAIN_ROWS]
+            K = _kernel_rows(test, train, part, sur.normalized, block)
+            z = network_logits(model, _take(data.x_test, part))
+            ex = explain(sur, K, k=min(e.k, train.n), train_labels=y_train, network_logits=z,
+                         target="network", classes=())
+            for p in ex:
+                d = p.to_dict()
+                d["test_index"] = int(part[p.test_index])
+                d["true_label"] = int(y_test[part[p.test_index]])
+                points.append(d)
+            disagreements += [int(part[i]) for i in ex.disagreements]
+            cb(j + 1, len(steps))
+    e.out.parent.mkdir(parents=True, exist_ok=True)
+    e.out.write_text(json.dumps(_jsonable({
+        "kernel": e.kernel, "target": e.target, "explained": "the network's predicted class", "k": e.k,
+        "n_points": len(points), "disagreements": disagreements, "points": points}), indent=2) + "\n",
+        encoding="utf-8")
+    agree = len(points) - len(disagreements)
+    print(f"explain {e.kernel}/{e.target}: {len(points)} test points ({agree} where network and surrogate "
+          f"agree) -> {e.out}", file=log, flush=True)
+    return e.out
+
+
+def attribute_command(cfg: RunConfig, *, progress: bool = True, stdout: TextIO | None = None) -> Path:
+    """Counterfactual attribution (:func:`tangentlens.attribute`, TRAK's estimator on the margin kernel) of
+    ``[attribute] points`` test points: the top-k training points whose removal would lower (proponents) or
+    raise (opponents) each margin, as JSON, and the full (T, N) scores next to it (``.npy``).
+
+    Returns:
+        The JSON file. Cost: :func:`tangentlens.attribute`'s (the margin kernel of the N training points,
+        then N³/3 + T·N² flops; with ``projection``, N·D² + D³/3).
+    """
+    log = stdout if stdout is not None else sys.stdout
+    a = cfg.attribute
+    model, data = build_model(cfg), load_data(cfg)
+    idx = _points(a.points, data.n_test, f"{cfg.path}: [attribute]")
+    x_test = _take(data.x_test, idx)
+    true = a.labels == "true"
+    with _progress("attribute", progress) as cb:
+        cb(0, 1)
+        S = attribute(model, data.x_train, x_test, labels=data.y_train if true else "predicted",
+                      test_labels=data.y_test[torch.as_tensor(idx)] if true else "predicted",
+                      projection=a.projection, lam=a.lam)
+        cb(1, 1)
+    top = top_attributions(S, k=min(a.k, batch_size_of(data.x_train)))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    scores = a.out.with_suffix(".npy")
+    np.save(scores, S.double().cpu().numpy(), allow_pickle=False)
+    projected = f", projected to {a.projection.dim} dimensions)" if a.projection is not None else ")"
+    a.out.write_text(json.dumps(_jsonable({
+        "estimator": "tangentlens.attribute (TRAK's estimator on the exact margin kernel" + projected,
+        "labels": a.labels, "test_indices": idx.tolist(), "k": top.proponents.shape[1],
+        "scores_file": scores.name, **top.to_dict()}), indent=2) + "\n", encoding="utf-8")
+    print(f"attribute: {len(idx)} test points x {S.shape[1]} training points -> {a.out} (scores: {scores})",
+          file=log, flush=True)
+    return a.out
