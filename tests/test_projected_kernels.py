@@ -61,7 +61,7 @@ def test_kronecker_features_equal_dense_kronecker_oracle() -> None:
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("kind", ["rademacher", "sjlt", "kronecker"])
+@pytest.mark.parametrize("kind", ["rademacher", "sjlt", "kronecker", "khatri_rao"])
 def test_proj_trntk_approaches_trntk(arch: str, kind: str) -> None:
     m = model_of(arch)
     x = data(arch, 12)
@@ -82,7 +82,7 @@ def test_proj_trntk_approaches_trntk(arch: str, kind: str) -> None:
 def test_seeded_projection_is_bit_identical_across_batch_sizes() -> None:
     m = model_of("cnn")
     x = data("cnn", 11)
-    for kind in ("rademacher", "gaussian", "sjlt", "srht", "kronecker"):
+    for kind in ("rademacher", "gaussian", "sjlt", "srht", "kronecker", "khatri_rao"):
         proj = Projection(64, kind=kind, seed=7)
         a = tl.features(m, x, kind="trntk", projection=proj, batch_size=11)
         b = tl.features(m, x, kind="trntk", projection=Projection(64, kind=kind, seed=7), batch_size=3)
@@ -112,3 +112,113 @@ def test_projection_errors() -> None:
         tl.kernel(m, x, kind="ck", projection=Projection(8))
     with pytest.raises(InputError, match="by_layer"):
         tl.kernel(m, x, kind="trntk", projection=Projection(8), by_layer=True)
+
+
+# ----------------------------------------------------------------------------- layers from their factors
+
+
+def _layer(n: int, m: int, t: int, d_in: int, d_out: int, seed: int = 0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, t, d_in, generator=gen, dtype=dtype)
+    a = a + 0.5 * a.mean(0)  # aligned inputs, like activations
+    delta = torch.randn(n, m, t, d_out, generator=gen, dtype=dtype)
+    g_w = torch.einsum("nmto,nti->nmoi", delta, a).reshape(n, m, -1)
+    return a, delta, g_w, delta.sum(2)
+
+
+@pytest.mark.parametrize(("t", "d_in", "d_out"), [(1, 9, 7), (6, 5, 3), (6, 4, 9), (40, 3, 4)])
+def test_khatri_rao_layer_equals_its_factor_oracle(t: int, d_in: int, d_out: int) -> None:
+    # T = 1; T > 1 with d_out <= T and with d_out > T; many positions (the materialized-gradient route)
+    a, delta, g_w, g_b = _layer(5, 3, t, d_in, d_out)
+    pr = Projection(48, "khatri_rao", seed=4)
+    A, B = pr.khatri_rao_factors("fc", d_in, d_out)  # (K, d_out), (K, d_in + 1): +-1
+    assert torch.equal(A.abs(), torch.ones_like(A)) and torch.equal(B.abs(), torch.ones_like(B))
+    # phi_k = alpha_k^T [G | g_b] beta_k / sqrt(K)
+    G = torch.cat([g_w.reshape(5, 3, d_out, d_in), g_b[..., None]], 3)
+    want = torch.einsum("ko,nmoi,ki->nmk", A, G, B) / 48**0.5
+    P = d_out * (d_in + 1)
+    got = pr.project_layer(a, delta, "fc", weight_offset=0, bias_offset=d_out * d_in, total_dim=P)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    w_only = pr.project_layer(a, delta, "fc", weight_offset=0, total_dim=d_out * d_in)
+    w_want = torch.einsum("ko,nmoi,ki->nmk", A, G[..., :d_in], B[:, :d_in]) / 48**0.5
+    torch.testing.assert_close(w_only, w_want, rtol=1e-10, atol=1e-10)
+    b_only = pr.project_layer(a, delta, "fc", weight_offset=None, bias_offset=0, total_dim=d_out)
+    b_want = torch.einsum("ko,nmo,k->nmk", A, g_b, B[:, d_in]) / 48**0.5
+    torch.testing.assert_close(b_only, b_want, rtol=1e-10, atol=1e-10)
+    ref = Projection(48, "khatri_rao", seed=4, scale="reference").project_layer(
+        a, delta, "fc", weight_offset=0, total_dim=1000)
+    torch.testing.assert_close(ref, w_only * (48 / 1000) ** 0.5)
+    other = pr.project_layer(a, delta, "fc2", weight_offset=0, total_dim=d_out * d_in)
+    assert not torch.allclose(other, w_only)  # another layer key: another, independent sketch
+
+
+def test_khatri_rao_is_unbiased_and_rows_are_batch_independent() -> None:
+    a, delta, g_w, g_b = _layer(2, 1, 3, 12, 10, seed=1)
+    exact = float(g_w[0, 0] @ g_w[1, 0] + g_b[0, 0] @ g_b[1, 0])
+    est = []
+    for seed in range(300):
+        phi = Projection(32, "khatri_rao", seed=seed).project_layer(
+            a, delta, "l", weight_offset=0, bias_offset=120, total_dim=130)
+        est.append(float(phi[0, 0] @ phi[1, 0]))
+    est_t = torch.tensor(est, dtype=torch.float64)
+    assert abs(float(est_t.mean()) - exact) < 4.0 * float(est_t.std()) / len(est) ** 0.5
+    for t in (1, 5):
+        a, delta, _, _ = _layer(37, 3, t, 40, 30, seed=2, dtype=torch.float32)
+        for kind in ("khatri_rao", "rademacher", "gaussian"):
+            pr = Projection(64, kind, seed=1)
+            where = dict(weight_offset=7, bias_offset=1207, total_dim=1300)
+            full = pr.project_layer(a, delta, "l", **where)
+            for bs in (1, 5, 16, 20):
+                parts = [pr.project_layer(a[i : i + bs], delta[i : i + bs], "l", **where)
+                         for i in range(0, 37, bs)]
+                assert torch.equal(torch.cat(parts), full), (kind, t, bs)
+            acc = torch.ones_like(full)  # out= adds in place
+            assert pr.project_layer(a, delta, "l", **where, out=acc) is acc
+            torch.testing.assert_close(acc, torch.ones_like(full) + full)
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_dense_layer_from_factors_is_the_flat_matrix(t: int) -> None:
+    a, delta, g_w, g_b = _layer(6, 4, t, 11, 7)
+    for kind in ("rademacher", "gaussian"):
+        pr = Projection(40, kind, seed=3, tile=20)  # weight rows straddle tile boundaries
+        R = pr.matrix(100)
+        got = pr.project_layer(a, delta, "ignored", weight_offset=5, bias_offset=90, total_dim=100)
+        want = g_w @ R[:, 5:82].T + g_b @ R[:, 90:97].T
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(InputError, match="exceed"):
+        pr.project_layer(a, delta, "l", weight_offset=50, total_dim=100)
+    with pytest.raises(InputError, match="weight_offset or bias_offset"):
+        pr.project_layer(a, delta, "l", weight_offset=None, total_dim=100)
+    with pytest.raises(InputError, match="shape mismatch"):
+        pr.project_layer(a, delta[:2], "l", weight_offset=0, total_dim=100)
+
+
+def test_khatri_rao_features_through_the_engine_equal_the_oracle() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3), nn.LayerNorm(3))
+    x = torch.randn(5, 12)
+    proj = Projection(24, kind="khatri_rao", seed=2)
+    f = tl.features(m, x, kind="trntk0", projection=proj, dtype=torch.float64).reshape(5, 3, -1)
+    J = jacobians(m, x)  # (N, C, P) in named_parameters order
+    off, want = 0, torch.zeros(5, 3, 24, dtype=torch.float64)
+    for layer in ("0", "2"):
+        d_out, d_in = m.get_submodule(layer).weight.shape
+        A, B = proj.khatri_rao_factors(layer, d_in, d_out)
+        G = J[:, :, off : off + d_out * (d_in + 1)]
+        G = torch.cat([G[..., : d_out * d_in].reshape(5, 3, d_out, d_in), G[..., d_out * d_in :, None]], 3)
+        want += torch.einsum("ko,nmoi,ki->nmk", A, G, B) / 24**0.5
+        off += d_out * (d_in + 1)
+    want += J[:, :, off:] @ proj.matrix(J.shape[2])[:, off:].T  # the LayerNorm through the sjlt fallback
+    torch.testing.assert_close(f, want, rtol=1e-9, atol=1e-10)
+
+
+def test_materialized_gradients_are_projected_in_steps_of_rows() -> None:
+    # 2.1M parameters, one probe (dense kinds materialize): a block of 20 examples is projected in steps of 7
+    # rows (2**24 entries); blocks of 3 rows take one step each (the captures differ by rounding only)
+    m = nn.Sequential(nn.Linear(1400, 1500), nn.Tanh(), nn.Linear(1500, 1))
+    x = torch.randn(20, 1400, generator=torch.Generator().manual_seed(0))
+    proj = Projection(16, kind="rademacher", seed=1)
+    f = tl.features(m, x, kind="pntk", projection=proj, batch_size=20)
+    g = tl.features(m, x, kind="pntk", projection=proj, batch_size=3)
+    torch.testing.assert_close(f, g, rtol=1e-4, atol=1e-4 * float(f.abs().max()))  # sums of 2.1M floats

@@ -280,6 +280,9 @@ def test_matrices_are_those_of_generator_v1() -> None:
     assert (pin.shape, pout.shape) == ((4, 7), (4, 9))
     assert (_digest(pin), _digest(pout)) == ("4b88bd3da2dda460", "87a0d3ec257f849f")
     assert _digest(output_probes(10, 3, seed=4, dtype=torch.float64)) == "5a436ff3062237dc"
+    fa, fb = Projection(40, "khatri_rao", seed=3).khatri_rao_factors("fc1", 7, 5)
+    assert (fa.shape, fb.shape) == ((40, 5), (40, 8))
+    assert (_digest(fa), _digest(fb)) == ("1a56e927cda03eb9", "2ec0da31abae84f7")
     assert Projection(16, "kronecker", seed=3).to_dict() == {
         "kind": "kronecker", "dim": 16, "seed": 3, "scale": "unbiased",
         "expectation": "<phi(a),phi(b)> ~ <a,b>", "dtype": None, "generator": "tangentlens-mix32-v1",
@@ -289,10 +292,20 @@ def test_matrices_are_those_of_generator_v1() -> None:
 
 
 def test_uses_factors_and_kronecker_only_calls() -> None:
-    assert Projection(8, "kronecker").uses_factors
+    for kind in ("kronecker", "khatri_rao", "rademacher", "gaussian"):  # may take Linear/Conv factors
+        assert Projection(8, kind).uses_factors
+    assert Projection(8, "khatri_rao").takes_factors(784, 100, 50, 1)  # its definition
+    assert Projection(8).takes_factors(784, 100, 1, 10)  # dense: T = 1 and several probes
+    assert not Projection(8).takes_factors(784, 100, 1, 1)  # one probe: no saving
+    assert not Projection(8).takes_factors(25, 16, 576, 10)  # many positions: materialize
+    a, d = torch.randn(2, 4), torch.randn(2, 1, 3)
+    for kind in ("sjlt", "srht", "kronecker"):
+        assert not Projection(8, kind).takes_factors(4, 3, 1, 10)
+        with pytest.raises(InputError, match="project_layer"):
+            Projection(8, kind).project_layer(a, d, "l", weight_offset=0, total_dim=12)
     for kind in FLAT_KINDS:
         pr = Projection(8, kind)
-        assert not pr.uses_factors
+        assert pr.uses_factors == (kind in ("rademacher", "gaussian"))
         with pytest.raises(InputError, match="kind='kronecker'"):
             pr.project_kronecker(torch.randn(2, 4), torch.randn(2, 1, 3), 0, d_in=4, d_out=3)
         with pytest.raises(InputError, match="kind='kronecker'"):

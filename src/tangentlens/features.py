@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -178,52 +179,106 @@ def feature_rows(G: Tensor, full: bool, norm: bool) -> Tensor:
 
 
 def project_capture(cap: BlockCapture, sizes: dict[str, int], proj: Projection) -> Tensor:
-    """(B, M, K') projected per-probe features of one block: Kronecker-factored layers projected from their
-    factors (when ``proj.uses_factors``), every other parameter slice projected at its global column
-    offset (``sizes``: the selected parameters' sizes in order), maximal runs of adjacent slices per call."""
+    """(B, M, K') projected per-probe features of one block.
+
+    Linear/Conv layers kept factored (``proj.uses_factors``) are projected from their factors: with
+    :meth:`~tangentlens.projection.Projection.project_kronecker` (``"kronecker"``; its ``k_out k_in``
+    features concatenated unless ``fold``), or with :meth:`~tangentlens.projection.Projection.project_layer`
+    where :meth:`~tangentlens.projection.Projection.takes_factors` (``"khatri_rao"``; dense kinds with several
+    probes and one position). Every other parameter slice is materialized and projected at its global column
+    offset (``sizes``: the selected parameters' sizes in order), maximal runs of adjacent slices per call, in
+    steps of rows that keep the materialized gradients near 2**24 entries (rows never depend on the step).
+    """
     offsets: dict[str, int] = {}
     total = 0
     for n, k in sizes.items():
         offsets[n] = total
         total += k
     B, M = cap.size, _probes_of(cap)
-    flat: Tensor | None = None
+    acc: Tensor | None = None  # (B, M, K): the parts summed in K coordinates
     kron: list[Tensor] = []
-    slices: dict[str, Tensor] = {}
+    rest: list[Any] = []  # captures whose gradients are materialized
+    extra: dict[str, Tensor] = {}  # biases of Kronecker layers, (B, M, d_out)
     for c in cap.caps:
-        if proj.uses_factors and isinstance(c, OuterCap) and c.weight is not None:
-            d_out, d_in = c.delta.shape[3], c.a.shape[2]
-            f = proj.project_kronecker(c.a, c.delta, c.weight, d_in=d_in, d_out=d_out, total_dim=total)
-            if proj.fold:
-                flat = f.reshape(B * M, -1) if flat is None else flat + f.reshape(B * M, -1)
-            else:
-                kron.append(f)
-            if c.bias is not None:
-                slices[c.bias] = c.delta.sum(2)
-        else:
-            slices.update(c.materialize())
-    run: list[Tensor] = []
-    run_start = 0
-    names = [n for n in sizes if n in slices]
-    for i, n in enumerate(names):
-        if not run:
-            run_start = offsets[n]
-        run.append(slices[n].reshape(B * M, -1))
-        nxt = names[i + 1] if i + 1 < len(names) else None
-        if nxt is None or offsets[nxt] != offsets[n] + sizes[n]:
-            g = run[0] if len(run) == 1 else torch.cat(run, 1)
-            pr = proj.project(g, run_start, total)
-            flat = pr if flat is None else flat + pr
-            run = []
-    parts = kron + ([flat.reshape(B, M, -1)] if flat is not None else [])
+        if proj.uses_factors and isinstance(c, OuterCap):
+            T, d_in, d_out = c.a.shape[1], c.a.shape[2], c.delta.shape[3]
+            f: Tensor | None = None
+            if proj.kind == "kronecker" and c.weight is not None:
+                f = proj.project_kronecker(c.a, c.delta, c.weight, d_in=d_in, d_out=d_out, total_dim=total)
+                if c.bias is not None:
+                    extra[c.bias] = c.delta.sum(2)
+                if not proj.fold:
+                    kron.append(f)
+                    continue
+            elif proj.kind != "kronecker" and proj.takes_factors(d_in, d_out, T, M):
+                acc = proj.project_layer(
+                    c.a, c.delta, c.group, weight_offset=offsets[c.weight] if c.weight else None,
+                    bias_offset=offsets[c.bias] if c.bias else None, total_dim=total, out=acc)
+                continue
+            if f is not None:
+                acc = f if acc is None else acc.add_(f)
+                continue
+        rest.append(c)
+
+    def names_of(c: Any) -> tuple[str, ...]:  # what c.materialize() returns
+        if isinstance(c, DenseCap):
+            return tuple(c.grads)
+        if isinstance(c, OuterCap):
+            return tuple(n for n in (c.weight, c.bias) if n)
+        return (c.weight,)
+
+    def rows_of(c: Any, r0: int, r1: int) -> Any:  # the capture of rows [r0, r1)
+        if r0 == 0 and r1 == B:
+            return c
+        if isinstance(c, DenseCap):
+            return replace(c, grads={k: v[r0:r1] for k, v in c.grads.items()})
+        if isinstance(c, OuterCap):
+            return replace(c, a=c.a[r0:r1], delta=c.delta[r0:r1])
+        return replace(c, idx=c.idx[r0:r1], delta=c.delta[r0:r1])
+
+    owned = {n for c in rest for n in names_of(c)}
+    names = [n for n in sizes if n in extra or n in owned]
+    if not names:
+        parts = kron + ([acc] if acc is not None else [])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    width = sum(sizes[n] for n in names if n not in extra)  # materialized entries per row and probe
+    step = max(1, min(B, 2**24 // max(M * width, 1)))
+    steps: list[Tensor] = []
+    for r0 in range(0, B, step):
+        r1 = min(B, r0 + step)
+        slices = {k: v[r0:r1] for k, v in extra.items()}
+        for c in rest:
+            slices.update(rows_of(c, r0, r1).materialize())
+        flat = None if acc is None else acc[r0:r1].reshape((r1 - r0) * M, -1)  # a view: added in place
+        run: list[Tensor] = []
+        run_start = 0
+        for i, n in enumerate(names):
+            if not run:
+                run_start = offsets[n]
+            run.append(slices[n].reshape((r1 - r0) * M, -1))
+            nxt = names[i + 1] if i + 1 < len(names) else None
+            if nxt is None or offsets[nxt] != offsets[n] + sizes[n]:
+                g = run[0] if len(run) == 1 else torch.cat(run, 1)
+                pr = proj.project(g, run_start, total)
+                flat = pr if flat is None else flat.add_(pr)
+                run = []
+        assert flat is not None
+        steps.append(flat)
+    if acc is None:
+        acc = (steps[0] if len(steps) == 1 else torch.cat(steps)).reshape(B, M, -1)
+    parts = kron + [acc]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _probes_of(cap: BlockCapture) -> int:
-    c = cap.caps[0]
-    if isinstance(c, DenseCap):
-        return next(iter(c.grads.values())).shape[1]
-    return c.delta.shape[1]
+    """M, the probes per example of a gradient capture."""
+    for c in cap.caps:
+        if isinstance(c, DenseCap):
+            if c.grads:
+                return next(iter(c.grads.values())).shape[1]
+        else:
+            return c.delta.shape[1]
+    raise InputError("a projection needs gradients: the capture holds none (no parameters selected?).")
 
 
 def feature_gram(F1: Tensor, F2: Tensor | None, full: bool) -> Tensor:

@@ -17,12 +17,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..memory import check_memory
 from .hashing import GEN_VERSION, check_int, seed_words
 
-__all__ = ["Spec", "TileCache", "Backend", "FlatBackend", "matmul_rows", "addmm_rows_"]
+__all__ = [
+    "Spec", "TileCache", "Backend", "FlatBackend", "matmul_rows", "addmm_rows_", "row_step", "layer_shapes",
+]
 
 MIN_GEMM_ROWS = 16  # BLAS uses other kernels (other summation orders) below this many rows
+STEP_ELEMS = 2**24  # entries (64 MiB in float32) of the intermediates of one step of a layer projection
 
 
 @dataclass(frozen=True)
@@ -79,9 +83,10 @@ class TileCache:
         return value
 
     def workspace(self, key: tuple[Any, ...], numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """A reused flat buffer of ``numel`` entries for ``key`` (allocated on first use)."""
+        """A reused flat buffer of at least ``numel`` entries for ``key`` (allocated on first use, grown
+        when a call needs more)."""
         buf = self.work.get(key)
-        if buf is None:
+        if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, dtype=dtype, device=device)
             self.work[key] = buf
         return buf
@@ -116,6 +121,36 @@ def addmm_rows_(out: Tensor, x: Tensor, w: Tensor) -> None:
         out.copy_(op[:n])
     elif n:
         out.addmm_(x, w)
+
+
+def row_step(n: int, per_row: int) -> int:
+    """Rows per step so that a step's intermediates (``per_row`` entries per row) stay near
+    ``STEP_ELEMS``. Rows never depend on the step (see :func:`matmul_rows`), so this is a memory knob."""
+    return max(1, min(n, STEP_ELEMS // max(per_row, 1)))
+
+
+def layer_shapes(a: Tensor, delta: Tensor, d_in: int, d_out: int) -> tuple[Tensor, Tensor]:
+    """``a`` as ``(n, T, d_in)`` and ``delta`` as ``(n, M, T, d_out)`` (2-D / 3-D inputs get ``T = 1``).
+
+    Raises:
+        InputError: shapes that do not match each other or ``d_in`` / ``d_out``.
+    """
+    if a.dim() == 2:
+        a = a[:, None, :]
+    if delta.dim() == 3:
+        delta = delta[:, :, None, :]
+    if a.dim() != 3 or delta.dim() != 4:
+        raise InputError(
+            f"a layer's factors must be a (n, T, d_in) and delta (n, M, T, d_out), got {tuple(a.shape)} "
+            f"and {tuple(delta.shape)}."
+        )
+    n, big_t, di = a.shape
+    if delta.shape[0] != n or delta.shape[2] != big_t or di != d_in or delta.shape[3] != d_out:
+        raise InputError(
+            f"shape mismatch: a {tuple(a.shape)}, delta {tuple(delta.shape)}, d_in={d_in}, d_out={d_out}; "
+            f"a must be (n, T, d_in) and delta (n, M, T, d_out)."
+        )
+    return a, delta
 
 
 class Backend(ABC):
@@ -173,6 +208,20 @@ class Backend(ABC):
     def project(self, g: Tensor, offset: int, total: int) -> Tensor:
         """``(n, K)`` projection of the validated column slice ``g`` (already in the compute dtype)."""
 
+    def takes_factors(self, d_in: int, d_out: int, positions: int, probes: int) -> bool:
+        """Whether :meth:`project_factors` should project such a layer from its factors (else the caller
+        materializes its gradient and uses :meth:`project`). None by default."""
+        return False
+
+    def project_factors(
+        self, a: Tensor, delta: Tensor, key: str, weight_offset: int | None, bias_offset: int | None,
+        total: int, out: Tensor | None,
+    ) -> Tensor:
+        """Add to ``out`` ``(n, M, K)`` (zeros when None, allocated after the memory check) the projection of
+        a layer's gradients ``sum_t delta_t a_t^T`` (weight, at ``weight_offset``) and ``sum_t delta_t``
+        (bias, at ``bias_offset``) from the validated factors; return it."""
+        raise InputError(f"projection kind {self.spec.kind!r} does not project layers from their factors.")
+
 
 class FlatBackend(Backend):
     """A kind that projects flattened column slices directly: checks, output and scale shared here.
@@ -222,6 +271,16 @@ class FlatBackend(Backend):
                 kind that never materializes dense tiles of ``R``).
         """
         per_k, fixed, streams = self.working_set(n, p, device, dtype)
+        what = f"{self.label} on {n:,} rows x {p:,} columns ({dtype})"
+        self.check_need(per_k, fixed, streams, device, what)
+
+    def check_need(self, per_k: int, fixed: int, streams: str, device: torch.device, what: str) -> None:
+        """Refuse a working set of ``per_k`` bytes per output coordinate plus ``fixed`` bytes that exceeds the
+        memory available on ``device``; the message estimates the largest ``dim`` that fits.
+
+        Raises:
+            MemoryBudgetError: nothing was allocated.
+        """
         need = per_k * self.dim + fixed
 
         def fix(avail: int) -> str:
@@ -231,4 +290,4 @@ class FlatBackend(Backend):
                 f"(a smaller batch_size){streams}"
             )
 
-        check_memory(need, device, f"{self.label} on {n:,} rows x {p:,} columns ({dtype})", fix)
+        check_memory(need, device, what, fix)

@@ -27,7 +27,16 @@ The same seed gives the same matrix on CPU and CUDA. ``R`` is never held whole u
 - ``"srht"`` (:mod:`.srht`): a subsampled Hadamard transform per column tile, ``2 n T (a + b)`` flops per
   tile of order ``T = a b``;
 - ``"kronecker"`` (:mod:`.kronecker`): per layer ``(P_out delta)(P_in a)^T`` summed over positions, from
-  the captured factors; other parameters through the flat ``fallback`` kind.
+  the captured factors; other parameters through the flat ``fallback`` kind;
+- ``"khatri_rao"`` (:mod:`.khatri_rao`): per layer ``sum_t (A delta_t) * (B a_t)``, ``K`` coordinates from
+  the captured factors (``K T (d_in + M d_out)`` multiply-adds per example), summed with the ``fallback``
+  kind's part: the fast kind for proj-trNTK at scale.
+
+Layers from their factors. :meth:`Projection.project_layer` projects a Linear/Conv layer's gradients
+``sum_t delta_t a_t^T`` (and bias ``sum_t delta_t``) from the captured factors without forming them:
+``"khatri_rao"`` always (its definition), the dense kinds where :meth:`Projection.takes_factors` finds it
+cheaper (the same matrix as :meth:`Projection.project`: ``R_o a_t`` is shared by the ``M`` probes, so
+proj-trNTK costs about what proj-pNTK does). ``"sjlt"`` and ``"srht"`` always take materialized gradients.
 """
 
 from __future__ import annotations
@@ -40,9 +49,10 @@ from torch import Tensor
 
 from ..errors import InputError, UnknownKindError
 from ..memory import check_memory
-from .base import Backend, FlatBackend, Spec
+from .base import Backend, FlatBackend, Spec, layer_shapes
 from .dense import GaussianBackend, RademacherBackend
 from .hashing import GEN_VERSION, check_int
+from .khatri_rao import KhatriRaoBackend
 from .kronecker import KroneckerBackend
 from .sjlt import SJLTBackend
 from .srht import SRHTBackend
@@ -56,17 +66,19 @@ _FLAT: dict[str, type[FlatBackend]] = {
     "srht": SRHTBackend,
 }
 FLAT_KINDS: tuple[str, ...] = tuple(_FLAT)
-KINDS: tuple[str, ...] = (*FLAT_KINDS, "kronecker")
+KINDS: tuple[str, ...] = (*FLAT_KINDS, "kronecker", "khatri_rao")
 SCALES: tuple[str, ...] = ("unbiased", "reference")
 _OPTIONS = ("s", "tile", "kron_dim", "fold", "fallback")  # kind-specific keys of to_dict()
 
 
 def _backend(spec: Spec, label: str) -> Backend:
-    """The backend object of ``spec.kind``; the Kronecker kind gets its own fallback backend."""
+    """The backend object of ``spec.kind``; the factored kinds get their own fallback backend."""
     if spec.kind in _FLAT:
         return _FLAT[spec.kind](spec, label)
-    part = f"{label}'s {spec.fallback!r} part (parameters without Kronecker factors)"
+    part = f"{label}'s {spec.fallback!r} part (parameters without layer factors)"
     flat = _FLAT[spec.fallback](replace(spec, kind=spec.fallback, tile=None), part)
+    if spec.kind == "khatri_rao":
+        return KhatriRaoBackend(spec, label, flat)
     return KroneckerBackend(spec, label, flat)
 
 
@@ -75,14 +87,15 @@ class Projection:
 
     Args:
         dim: Projection dimension ``K`` (> 0).
-        kind: ``"rademacher"``, ``"gaussian"``, ``"sjlt"``, ``"srht"`` or ``"kronecker"``.
+        kind: ``"rademacher"`` (the default: the method's reference R), ``"gaussian"``, ``"sjlt"``,
+            ``"srht"``, ``"kronecker"`` or ``"khatri_rao"`` (the fast kind for proj-trNTK at scale).
         seed: Integer seed; the matrix is a pure function of ``(kind, seed, dim, s)`` and global
             column indices, identical across batch sizes, layer splits, processes and devices.
         scale: ``"unbiased"`` (``E<phi(a), phi(b)> = <a, b>``) or ``"reference"`` (the method's /
             TRAK's convention: +-1 entries, divided by ``sqrt(P)``, so
             ``E<phi(a), phi(b)> = (K/P) <a, b>``).
-        s: Nonzeros per column of ``"sjlt"`` (1 <= s <= dim; default 2), also of a ``"kronecker"``
-            projection's ``"sjlt"`` fallback (its ``fold`` always uses ``s=1``).
+        s: Nonzeros per column of ``"sjlt"`` (1 <= s <= dim; default 2), also of a ``"kronecker"`` or
+            ``"khatri_rao"`` projection's ``"sjlt"`` fallback (``fold`` always uses ``s=1``).
         memory_budget_bytes: Generated dense tiles / sparse structures are cached while their total
             size stays within this budget; beyond it they are regenerated on every call.
         dtype: Compute dtype; ``None`` uses the dtype of the input.
@@ -93,8 +106,8 @@ class Projection:
         fold: ``"kronecker"``: if True, :meth:`project_kronecker` CountSketches the per-layer
             Kronecker features into ``dim`` coordinates (layer-keyed), so that features of all
             layers and of :meth:`project` can be summed into one ``K``-vector (the two-stage route).
-        fallback: ``"kronecker"``: the flat kind used by :meth:`project` for parameters without
-            Kronecker structure (biases, norm affines, ...).
+        fallback: ``"kronecker"`` / ``"khatri_rao"``: the flat kind used by :meth:`project` for
+            parameters without layer factors (``"kronecker"``: also biases; norm affines, embeddings, ...).
 
     Raises:
         InputError: ``dim`` or ``seed`` not a (non-bool) integer, ``dim <= 0``, bad ``s``/``tile``.
@@ -143,8 +156,10 @@ class Projection:
 
     @property
     def uses_factors(self) -> bool:
-        """True when Linear/Conv layers are projected from their captured factors (``kind="kronecker"``,
-        through :meth:`project_kronecker`) rather than from materialized per-example gradients."""
+        """True when Linear/Conv layers may be projected from their captured factors (``"kronecker"``
+        through :meth:`project_kronecker`; ``"khatri_rao"`` and the dense kinds through
+        :meth:`project_layer` where :meth:`takes_factors`), so a featurizer should keep them factored;
+        False for ``"sjlt"`` and ``"srht"``, which take materialized per-example gradients."""
         return self._backend.uses_factors
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +276,119 @@ class Projection:
         )
         eye = torch.eye(total_dim, dtype=dtype)
         return self.project(eye, 0, total_dim).T.contiguous()
+
+    # ---------------------------------------------------------------- layers from their factors
+
+    def takes_factors(self, d_in: int, d_out: int, positions: int = 1, probes: int = 1) -> bool:
+        """Whether :meth:`project_layer` projects a Linear/Conv layer of these sizes from its factors.
+
+        ``"khatri_rao"``: always. Dense kinds: when ``T d_out (d_in + M)`` is under 0.8 times ``M d_out
+        d_in`` (multiply-adds per example and coordinate), e.g. ``T = 1`` with ``M >= 2`` probes
+        (proj-trNTK of an MLP). ``"sjlt"``, ``"srht"``, ``"kronecker"`` (see :meth:`project_kronecker`):
+        never. Otherwise the caller materializes the gradient and calls :meth:`project`.
+
+        Raises:
+            InputError: a size not a positive integer.
+        """
+        d_in = check_int("d_in", d_in, minimum=1)
+        d_out = check_int("d_out", d_out, minimum=1)
+        positions = check_int("positions", positions, minimum=1)
+        probes = check_int("probes", probes, minimum=1)
+        if self.kind == "kronecker":
+            return False
+        return self._backend.takes_factors(d_in, d_out, positions, probes)
+
+    def project_layer(
+        self,
+        a: Tensor,
+        delta: Tensor,
+        key: str,
+        *,
+        weight_offset: int | None,
+        bias_offset: int | None = None,
+        total_dim: int,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """Project a Linear/Conv layer's per-example gradients from their factors, ``(n, M, K)``.
+
+        The weight's gradient is ``G = sum_t delta_t a_t^T`` (row-major, ``d_out x d_in``: the flattened
+        weight of a Linear layer, or of a convolution whose patches ``a_t`` are unfolded in the weight's
+        ``(C_in, kh, kw)`` order) and the bias's ``sum_t delta_t``. Dense kinds return
+        ``project(vec(G), weight_offset) + project(bias, bias_offset)`` (the same matrix, another
+        summation order); ``"khatri_rao"`` returns ``sum_t (A delta_t) * (B [a_t; 1]) / sqrt(K)`` with
+        ``A``, ``B`` seeded by ``(seed, key)`` (see :meth:`khatri_rao_factors`).
+
+        Args:
+            a: ``(n, T, d_in)`` input activations (or unfolded patches), or ``(n, d_in)``.
+            delta: ``(n, M, T, d_out)`` output gradients per probe, or ``(n, M, d_out)``.
+            key: The layer's identifier (its module's qualified name); seeds ``"khatri_rao"``'s factors.
+            weight_offset: First global column of the weight (``None``: the weight is not selected).
+            bias_offset: First global column of the bias (``None``: no bias, or not selected).
+            total_dim: ``P``, the length of the whole parameter vector.
+            out: ``(n, M, K)`` features to add this layer's to, in place (e.g. the sum over layers so far;
+                equal to ``out + project_layer(...)`` up to rounding, with fewer passes over memory).
+
+        Returns:
+            ``out`` (or new features) in the compute dtype; rows never depend on the other rows of the call.
+
+        Cost: ``"khatri_rao"`` ``K T (d_in + M d_out)`` multiply-adds per example (or ``M d_out d_in (T
+        + K)`` through the gradient, whichever is fewer); dense ``K d_out T (d_in + M)``. Intermediates
+        are bounded by steps of rows.
+
+        Raises:
+            InputError: not a factor-taking kind; shapes that do not match; no part selected; columns
+                outside ``[0, P)``.
+            MemoryBudgetError: the call's working set exceeds the memory available.
+        """
+        if not isinstance(a, Tensor) or not isinstance(delta, Tensor):
+            raise InputError("project_layer expects the tensors a and delta.")
+        if not (a.dtype.is_floating_point and delta.dtype.is_floating_point):
+            raise InputError(f"project_layer expects floating tensors, got {a.dtype} and {delta.dtype}.")
+        d_in, d_out = a.shape[-1], delta.shape[-1]
+        a, delta = layer_shapes(a, delta, d_in, d_out)
+        total = check_int("total_dim", total_dim, minimum=1)
+        if weight_offset is None and bias_offset is None:
+            raise InputError("project_layer needs weight_offset or bias_offset (the selected parts).")
+        for name, off, width in (("weight", weight_offset, d_out * d_in), ("bias", bias_offset, d_out)):
+            if off is not None and check_int(f"{name}_offset", off, minimum=0) + width > total:
+                raise InputError(
+                    f"the {name}'s columns [{off}, {off + width}) exceed total_dim={total}; pass the full P."
+                )
+        if not self._backend.uses_factors or self.kind == "kronecker":
+            how = "use project_kronecker" if self.kind == "kronecker" else "materialize and use project()"
+            raise InputError(
+                f"project_layer needs kind='khatri_rao' or a dense kind; this projection is "
+                f"kind={self.kind!r} ({how})."
+            )
+        dt = self.dtype or a.dtype
+        shape = (a.shape[0], delta.shape[1], self.dim)
+        if out is not None and (not isinstance(out, Tensor) or tuple(out.shape) != shape or out.dtype != dt):
+            raise InputError(
+                f"out must be a {shape} {dt} tensor, got "
+                f"{(tuple(out.shape), out.dtype) if isinstance(out, Tensor) else type(out).__name__}."
+            )
+        return self._backend.project_factors(
+            a.to(dt), delta.to(dt), str(key), weight_offset, bias_offset, total, out
+        )
+
+    def khatri_rao_factors(
+        self, key: str, d_in: int, d_out: int, *, dtype: torch.dtype = torch.float64
+    ) -> tuple[Tensor, Tensor]:
+        """The explicit +-1 factors ``(A, B)`` of layer ``key``: ``(K, d_out)`` and ``(K, d_in + 1)`` (the
+        last column of ``B`` is the bias's), so that :meth:`project_layer` returns ``sum_t (A delta_t) * (B[:,
+        :d_in] a_t + B[:, d_in]) / sqrt(K)`` (times ``sqrt(K / P)`` for ``scale="reference"``). For tests.
+
+        Raises:
+            InputError: the projection is not ``kind="khatri_rao"``; a size not a positive integer.
+        """
+        if not isinstance(self._backend, KhatriRaoBackend):
+            raise InputError(
+                f"khatri_rao_factors needs kind='khatri_rao'; this projection is kind={self.kind!r}."
+            )
+        d_in = check_int("d_in", d_in, minimum=1)
+        d_out = check_int("d_out", d_out, minimum=1)
+        at, bt = self._backend.factors(str(key), d_in, d_out, torch.device("cpu"), dtype)
+        return at[:, : self.dim].T.contiguous(), bt[:, : self.dim].T.contiguous()
 
     # ---------------------------------------------------------------- Kronecker projection
 

@@ -22,18 +22,23 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import FlatBackend, addmm_rows_
+from .base import FlatBackend, addmm_rows_, matmul_rows, row_step
 from .hashing import column_keys, expand_bytes, gaussian_rows, rademacher_bytes, rademacher_rows
 
 __all__ = ["DenseBackend", "RademacherBackend", "GaussianBackend"]
 
 _BYTES_PER_ENTRY = {"int8": 1.0, "bits": 0.125}  # of the compact cache forms
+_STREAMS = (
+    "; or a kind that never materializes dense tiles of R: kind='sjlt' or 'kronecker', or 'khatri_rao' (the "
+    "fastest with several probes)"
+)
 
 
 class DenseBackend(FlatBackend):
     """A dense i.i.d. matrix ``R`` (entries of unit variance, scaled by ``1/sqrt(K)``), tiled and cached."""
 
     out_width_padded = True
+    uses_factors = True  # Linear/Conv layers with several probes: R applied through the factors
     compact_forms: ClassVar[tuple[str, ...]] = ()  # cache forms below the compute dtype, densest first
     draws: ClassVar[int] = 1  # tile-sized buffers a generation needs
 
@@ -74,12 +79,31 @@ class DenseBackend(FlatBackend):
         per_k = 3 * n * isz  # padded output, its scaled slice, the reference-scaled copy
         if (device, dtype) not in self.cache.work:
             per_k += self.tile * isz * self.draws  # tile workspace (+ the draw)
-        return per_k, 0, "; or a kind that never materializes dense tiles of R: kind='sjlt' or 'kronecker'"
+        return per_k, 0, _STREAMS
 
     def _workspace(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """A reused ``(rows, Kpad)`` buffer (at most ``tile x Kpad``) for uncached tiles."""
         buf = self.cache.workspace((device, dtype), self.tile * self.kpad, device, dtype)
         return buf[: rows * self.kpad].view(rows, self.kpad)
+
+    def _tile(
+        self, j0: int, j1: int, form: str, dev: torch.device, dt: torch.dtype, ws: Tensor | None = None
+    ) -> Tensor:
+        """``R^T[j0:j1]`` (within one column tile) in the compute dtype: the cached float tile, or the rows
+        expanded from their compact form / generated into ``ws`` (a ``(j1 - j0, Kpad)`` buffer; the
+        reused tile workspace when None)."""
+        key = ("dense", form, j0, j1, dev, dt if form == "full" else None)
+        stored = self.cache.get(key)
+        if stored is None and form != "none":
+            per_entry = dt.itemsize if form == "full" else _BYTES_PER_ENTRY[form]
+            nbytes = int((j1 - j0) * self.kpad * per_entry)
+            stored = self.cache.cached(key, lambda: self.stored_rows(form, j0, j1, dev, dt), nbytes)
+        if form == "full":
+            if ws is not None:
+                return ws.copy_(stored)
+            return stored
+        ws = self._workspace(j1 - j0, dev, dt) if ws is None else ws
+        return self.rows(j0, j1, dev, dt, out=ws) if stored is None else self.expand(stored, form, ws)
 
     def apply(self, g: Tensor, offset: int, out: Tensor, total: int) -> Tensor:
         """``out += g @ R^T`` tile by tile; returns the first ``K`` columns scaled by ``1/sqrt(K)``."""
@@ -89,21 +113,67 @@ class DenseBackend(FlatBackend):
         for t in range(offset // self.tile, (offset + p - 1) // self.tile + 1):
             j0 = max(offset, t * self.tile)
             j1 = min(offset + p, (t + 1) * self.tile)
-            key = ("dense", form, j0, j1, dev, dt if form == "full" else None)
-            stored = self.cache.get(key)
-            if stored is None and form != "none":
-                per_entry = g.element_size() if form == "full" else _BYTES_PER_ENTRY[form]
-                nbytes = int((j1 - j0) * self.kpad * per_entry)
-                stored = self.cache.cached(
-                    key, lambda j0=j0, j1=j1: self.stored_rows(form, j0, j1, dev, dt), nbytes
-                )
-            if form == "full":
-                rt = stored
-            else:
-                ws = self._workspace(j1 - j0, dev, dt)
-                rt = self.rows(j0, j1, dev, dt, out=ws) if stored is None else self.expand(stored, form, ws)
-            addmm_rows_(out, g[:, j0 - offset : j1 - offset], rt)
+            addmm_rows_(out, g[:, j0 - offset : j1 - offset], self._tile(j0, j1, form, dev, dt))
         return out[:, : self.dim] * (1.0 / math.sqrt(self.dim))
+
+    # ------------------------------------------------------------------ layers from their factors
+
+    def takes_factors(self, d_in: int, d_out: int, positions: int, probes: int) -> bool:
+        """From the factors when that is cheaper: ``T d_in d_out + M T d_out`` against ``M d_out d_in``
+        multiply-adds per example and output coordinate (so for ``T = 1`` and ``M >= 2`` probes, e.g.
+        proj-trNTK, about ``M`` times fewer than projecting the ``M`` materialized gradients)."""
+        factored = positions * d_out * (d_in + probes)
+        return factored < 0.8 * probes * d_out * d_in
+
+    def _block(self, j0: int, j1: int, form: str, dev: torch.device, dt: torch.dtype) -> Tensor:
+        """``R^T[j0:j1]`` assembled from the column tiles into a reused ``(j1 - j0, Kpad)`` buffer."""
+        buf = self.cache.workspace(("block", dev, dt), (j1 - j0) * self.kpad, dev, dt)
+        buf = buf[: (j1 - j0) * self.kpad].view(j1 - j0, self.kpad)
+        for t in range(j0 // self.tile, (j1 - 1) // self.tile + 1):
+            p0 = max(j0, t * self.tile)
+            p1 = min(j1, (t + 1) * self.tile)
+            self._tile(p0, p1, form, dev, dt, ws=buf[p0 - j0 : p1 - j0])
+        return buf
+
+    def project_factors(
+        self, a: Tensor, delta: Tensor, key: str, weight_offset: int | None, bias_offset: int | None,
+        total: int, out: Tensor | None,
+    ) -> Tensor:
+        """The same matrix as :meth:`project` of the materialized gradients, applied as ``sum_o sum_t
+        delta_{t,o} (R_o a_t)`` where ``R_o`` holds the weight row ``o``'s columns: the products ``R_o
+        a_t`` are shared by all ``M`` probes. Cost ``2 n K d_out (T d_in + M T)`` flops; the bias
+        (``d_out`` columns) is projected flat."""
+        n, big_t, d_in = a.shape
+        m, d_out = delta.shape[1], delta.shape[3]
+        dev, dt = a.device, a.dtype
+        kp = self.kpad
+        c = max(1, min(d_out, self.tile // d_in))  # weight rows per step (a function of the layer only)
+        rows = row_step(n, big_t * c * kp)
+        per_k = dt.itemsize * (n * m * (2 if out is None else 1) + 2 * c * d_in + rows * big_t * c)
+        self.check_need(per_k, 0, _STREAMS, dev, f"{self.label} of a {d_out} x {d_in} layer on {n:,} rows")
+        if out is None:
+            out = a.new_zeros((n, m, self.dim))
+        if weight_offset is not None:
+            acc = a.new_zeros((n, m, kp))
+            form = self.cache_form(total, dev, dt)
+            a2 = a.reshape(n * big_t, d_in)
+            wbuf = self.cache.workspace(("blockT", dev, dt), c * d_in * kp, dev, dt)
+            for o0 in range(0, d_out, c):
+                o1 = min(d_out, o0 + c)
+                cc = o1 - o0
+                blk = self._block(weight_offset + o0 * d_in, weight_offset + o1 * d_in, form, dev, dt)
+                w = wbuf[: d_in * cc * kp].view(d_in, cc, kp)
+                w.copy_(blk.view(cc, d_in, kp).permute(1, 0, 2))
+                w = w.view(d_in, cc * kp)
+                for r0 in range(0, n, rows):
+                    r1 = min(n, r0 + rows)
+                    v = matmul_rows(a2[r0 * big_t : r1 * big_t], w).view(r1 - r0, big_t * cc, kp)
+                    d = delta[r0:r1, :, :, o0:o1].reshape(r1 - r0, m, big_t * cc)
+                    acc[r0:r1].baddbmm_(d, v)
+            out.add_(acc[:, :, : self.dim], alpha=self.reference_factor(total) / math.sqrt(self.dim))
+        if bias_offset is not None:
+            out += self.project(delta.sum(2).reshape(n * m, d_out), bias_offset, total).view(n, m, self.dim)
+        return out
 
 
 class RademacherBackend(DenseBackend):

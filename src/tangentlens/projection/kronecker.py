@@ -160,8 +160,11 @@ class KroneckerBackend(Backend):
             pd = delta
         else:
             pd = matmul_rows(delta.reshape(n * m * big_t, d_out), pout).view(n, m, big_t, ko)
-        # sum_t pd[n, m, t, o] pa[n, t, i]  -> (n, M, ko, ki)
-        feats = torch.matmul(pd.transpose(2, 3), pa[:, None]).reshape(n, m, ko * ki)
+        # sum_t pd[n, m, t, o] pa[n, t, i]  -> (n, M, ko, ki); one position: an outer product (same values)
+        if big_t == 1:
+            feats = (pd[:, :, 0, :, None] * pa[:, None, 0, None, :]).reshape(n, m, ko * ki)
+        else:
+            feats = torch.matmul(pd.transpose(2, 3), pa[:, None]).reshape(n, m, ko * ki)
         if fold:
             words = seed_words("tangentlens.kron.fold", GEN_VERSION, self.spec.seed, str(key))
             out = feats.new_zeros((n * m, dim))

@@ -1,0 +1,423 @@
+"""Projected featurization at scale (issue 15): exact trNTK vs proj-trNTK per projection kind, one process.
+
+For each model -- the method's MLP 784-100-100-100-10 (``mlp``, 99,710 parameters) and a small CNN (``cnn``,
+conv5(1->16)-pool-conv5(16->32)-pool-fc(512->160)-fc(160->10), 96,938 parameters) -- at ``--threads`` torch
+threads (default 1), fp32, C = 10 output probes (trNTK: one per class):
+
+- ``fwd+bwd``: examples/s of one forward and one backward (sum of the logits) of a batch of ``--batch``
+  examples: what a featurization could at best reach per output probe;
+- ``exact``: ``tl.kernel(model, x, kind="trntk")`` at N (and at ``--n-large`` for the models in
+  ``--exact-large``; otherwise extrapolated as N^2 from N, marked ``~``);
+- per projection kind (a fresh ``tl.Projection(K, kind, seed=0)`` per run, so generating the matrix is
+  included): ``tl.features(model, x, kind="trntk", projection=...)`` -- examples/s; the time for N (measured
+  on all N, or on as many examples as ``--max-seconds`` allows and extrapolated linearly, marked ``~``); the
+  rate per output probe as a share of ``fwd+bwd``; the time over the exact kernel's; the mean |r| of the
+  projected cosine against the exact cosine over the off-diagonal of the first ``--n-fid`` examples; and the
+  time of the N x N Gram ``F F^T`` of the features (the rest of a projected kernel; N^2-extrapolated when
+  not all N were featurized);
+- at ``--n-large`` (default 20,000): ``--large-kinds`` (default ``khatri_rao``) featurized on all of them.
+
+Also printed: which kind ``tl.Projection(K)`` uses by default, the GEMM rate at the start and the end, and the
+load average (the machine is shared: rates move by tens of percent; compare ratios within one run).
+
+Usage::
+
+    .venv/bin/python benchmarks/projection_speed.py --threads 1 --k 2048 --markdown /tmp/speed.md
+    .venv/bin/python benchmarks/projection_speed.py --models mlp --k 10240 --kinds rademacher,sjlt,khatri_rao
+    # smoke (a few seconds)
+    .venv/bin/python benchmarks/projection_speed.py --n 256 --n-large 512 --k 256 --n-fid 128 --max-seconds 5
+
+Inputs are passed as their own tensors (``x[:n].clone()``): the capture plan sizes blocks from the storage
+of the tensors the forward saves, which for a view of a larger tensor is the whole of it.
+
+Data: scikit-learn's bundled digits upsampled to 28 x 28 (repeated with small noise beyond 1,797; no
+download); models seeded and trained for ``--train-steps`` SGD steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import tangentlens as tl
+
+KIND_OPTIONS: dict[str, dict[str, Any]] = {
+    "kronecker": {"fold": True},  # kron_dim = 16 K per layer, folded into K (see --kron-factor)
+}
+
+
+def mnist_mlp() -> nn.Module:
+    """The method's MLP 784-100-100-100-10 (99,710 parameters)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 100),
+        nn.ReLU(),
+        nn.Linear(100, 100),
+        nn.ReLU(),
+        nn.Linear(100, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+
+
+def mnist_cnn() -> nn.Module:
+    """conv5(1->16)-relu-pool-conv5(16->32)-relu-pool-fc(512->160)-relu-fc(160->10): 96,938 parameters."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(512, 160),
+        nn.ReLU(),
+        nn.Linear(160, 10),
+    )
+
+
+MODELS = {"mlp": mnist_mlp, "cnn": mnist_cnn}
+
+
+def digits_28(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``n`` digits images (1, 28, 28), standardized; repeated with small noise beyond 1,797."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    y = torch.tensor(d.target)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(x.shape[0], generator=gen).repeat(math.ceil(n / x.shape[0]))[:n]
+    x, y = x[idx], y[idx]
+    if n > len(d.images):
+        x = x + 0.05 * torch.randn(x.shape, generator=gen)
+    return (x - 0.2) / 0.3, y
+
+
+def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        i = torch.randint(0, x.shape[0], (64,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+    model.eval()
+
+
+def gemm_gflops() -> float:
+    a, b = torch.randn(1024, 4096), torch.randn(4096, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 1024 * 4096 * 2048 / best / 1e9
+
+
+def fwd_bwd_rate(model: nn.Module, x: Tensor, batch: int, reps: int = 20) -> float:
+    """Examples/s of one forward + one backward (sum of logits) of a batch (best of ``reps``)."""
+    xb = x[:batch]
+    params = [p for p in model.parameters() if p.requires_grad]
+    best = float("inf")
+    for _ in range(reps + 2):
+        t = time.perf_counter()
+        torch.autograd.grad(model(xb).sum(), params)
+        best = min(best, time.perf_counter() - t)
+    return xb.shape[0] / best
+
+
+def mean_abs_residual(F: Tensor, exact: Tensor) -> float:
+    """Mean |projected cosine - exact cosine| over the off-diagonal."""
+    F = F.double()
+    F = F / F.norm(dim=1, keepdim=True)
+    r = (F @ F.T - exact.double()).abs()
+    n = r.shape[0]
+    r.fill_diagonal_(0)
+    return float(r.sum()) / (n * (n - 1))
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def gram_seconds(F: Tensor) -> float:
+    """Seconds of the symmetric Gram F F^T with cosine normalization (what kernel() adds to features)."""
+
+    def go() -> Tensor:
+        K = F @ F.T
+        d = K.diagonal().clamp_min(1e-30).rsqrt()
+        return K * d[:, None] * d[None, :]
+
+    return timed(go)[1]
+
+
+def projection(kind: str, k: int, args: argparse.Namespace) -> tl.Projection:
+    opts = dict(KIND_OPTIONS.get(kind, {}))
+    if kind == "kronecker":
+        opts["kron_dim"] = args.kron_factor * k
+    return tl.Projection(k, kind, seed=0, **opts)
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    model = MODELS[name]()
+    x, y = digits_28(max(args.n, args.n_large), args.seed)
+    train(model, x[: args.n], y[: args.n], args.train_steps, args.seed)
+    P = sum(p.numel() for p in model.parameters())
+    N, M, K = args.n, 10, args.k
+    res: dict[str, Any] = {
+        "model": name,
+        "P": P,
+        "N": N,
+        "N_large": args.n_large,
+        "K": K,
+        "M": M,
+        "load_start": os.getloadavg(),
+    }
+    res["fwd_bwd"] = fwd_bwd_rate(model, x, args.batch)
+    print(
+        f"\n== {name}: P = {P:,}, N = {N:,}, K = {K:,}, M = {M}; fwd+bwd {res['fwd_bwd']:,.0f} ex/s",
+        flush=True,
+    )
+    exact, t_exact = timed(lambda: tl.kernel(model, x[:N].clone(), kind="trntk", batch_size=args.batch))
+    res["exact_s"] = t_exact
+    print(f"exact trNTK N={N:,}: {t_exact:.2f} s", flush=True)
+    fid = exact[: args.n_fid, : args.n_fid].clone()
+    del exact
+    rows = []
+    for kind in args.kinds:
+        # a short run first decides how many examples fit --max-seconds
+        _, t_probe = timed(
+            lambda kind=kind: tl.features(
+                model,
+                x[: args.n_probe].clone(),
+                kind="trntk",
+                projection=projection(kind, K, args),
+                normalize=False,
+                batch_size=args.batch,
+            )
+        )
+        est = t_probe / args.n_probe * N
+        n_run = N if est <= args.max_seconds else max(args.n_fid, min(N, int(args.max_seconds / est * N)))
+        pr = projection(kind, K, args)
+        F, t = timed(
+            lambda pr=pr, n_run=n_run: tl.features(
+                model, x[:n_run].clone(), kind="trntk", projection=pr, normalize=False, batch_size=args.batch
+            )
+        )
+        rate = n_run / t
+        g = gram_seconds(F) * (N / n_run) ** 2
+        r = mean_abs_residual(F[: args.n_fid], fid)
+        row = {
+            "kind": kind,
+            "options": {
+                k: v for k, v in pr.to_dict().items() if k in ("s", "kron_dim", "fold", "fallback", "tile")
+            },
+            "n_run": n_run,
+            "seconds_N": N / rate,
+            "extrapolated": n_run < N,
+            "rate": rate,
+            "per_probe_share": rate * M / res["fwd_bwd"],
+            "vs_exact": (N / rate) / t_exact,
+            "gram_s": g,
+            "mean_abs_r": r,
+            "default": kind == tl.Projection(K).kind,
+        }
+        rows.append(row)
+        del F
+        print(
+            f"  {kind:>11}: {rate:8.1f} ex/s, N in {'~' if n_run < N else ''}{N / rate:7.2f} s "
+            f"({row['vs_exact']:.2f} x exact), per probe {100 * row['per_probe_share']:.1f}% of fwd+bwd, "
+            f"gram {'~' if n_run < N else ''}{g:.2f} s, mean|r| {r:.4f}",
+            flush=True,
+        )
+    res["kinds"] = rows
+    # the large N: the recommended kind(s) on all of them, the exact kernel measured or extrapolated
+    large: dict[str, Any] = {}
+    if args.n_large > N:
+        NL = args.n_large
+        if name in args.exact_large:
+            xl = x[:NL].clone()
+            kl, tl_exact = timed(lambda: tl.kernel(model, xl, kind="trntk", batch_size=args.batch))
+            del kl
+            large["exact_s"], large["exact_extrapolated"] = tl_exact, False
+        else:
+            large["exact_s"], large["exact_extrapolated"] = t_exact * (NL / N) ** 2, True
+        print(
+            f"exact trNTK N={NL:,}: {'~' if large['exact_extrapolated'] else ''}{large['exact_s']:.1f} s",
+            flush=True,
+        )
+        large["kinds"] = []
+        for kind in args.large_kinds:
+            pr = projection(kind, K, args)
+            F, t = timed(
+                lambda pr=pr: tl.features(
+                    model, x[:NL].clone(), kind="trntk", projection=pr, normalize=False, batch_size=args.batch
+                )
+            )
+            g = next((r["gram_s"] for r in rows if r["kind"] == kind), float("nan")) * (NL / N) ** 2
+            entry = {
+                "kind": kind,
+                "seconds": t,
+                "rate": NL / t,
+                "per_probe_share": NL / t * M / res["fwd_bwd"],
+                "vs_exact": t / large["exact_s"],
+                "gram_s_extrapolated": g,
+                "features_GB": F.numel() * F.element_size() / 1e9,
+            }
+            large["kinds"].append(entry)
+            del F
+            print(
+                f"  {kind:>11} N={NL:,}: {t:.1f} s ({NL / t:,.0f} ex/s, {entry['vs_exact']:.3f} x exact), "
+                f"features {entry['features_GB']:.2f} GB, gram ~{g:.0f} s",
+                flush=True,
+            )
+    res["large"] = large
+    res["load_end"] = os.getloadavg()
+    return res
+
+
+def targets(res: dict[str, Any]) -> list[str]:
+    """The issue's two targets, per model, stated honestly."""
+    out = []
+    rows = res["kinds"]
+    best = max(rows, key=lambda r: r["rate"])
+    dflt = next((r for r in rows if r["default"]), None)
+    N = res["N"]
+    for label, r in (("fastest", best), ("default", dflt)):
+        if r is None:
+            continue
+        ok = r["vs_exact"] <= 1.0
+        out.append(
+            f"{label} kind {r['kind']!r}, N = {N:,}: featurization {r['seconds_N']:.2f} s vs exact "
+            f"{res['exact_s']:.2f} s -> {'MET' if ok else 'MISSED'} ({r['vs_exact']:.2f} x exact; with the "
+            f"Gram, a projected kernel takes {(r['seconds_N'] + r['gram_s']) / res['exact_s']:.1f} x exact)"
+        )
+        share = r["per_probe_share"]
+        out.append(
+            f"{label} kind {r['kind']!r}: {r['rate'] * res['M']:,.0f} example-probes/s = "
+            f"{100 * share:.1f}% of fwd+bwd ({res['fwd_bwd']:,.0f}/s) -> "
+            f"{'MET' if share >= 0.3 else 'MISSED'}"
+        )
+    for e in res["large"].get("kinds", []):
+        NL = res["N_large"]
+        ok = e["vs_exact"] <= 1.0
+        out.append(
+            f"{e['kind']!r}, N = {NL:,}: featurization {e['seconds']:.1f} s vs exact "
+            f"{'~' if res['large']['exact_extrapolated'] else ''}{res['large']['exact_s']:.1f} s -> "
+            f"{'MET' if ok else 'MISSED'} ({e['vs_exact']:.3f} x exact; per probe "
+            f"{100 * e['per_probe_share']:.1f}% of fwd+bwd; the N x N Gram of its features "
+            f"~{e['gram_s_extrapolated']:.0f} s)"
+        )
+    return out
+
+
+def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"GEMM {meta['gemm_start']:.1f} GFLOP/s at the start, {meta['gemm_end']:.1f} at the end; "
+        f"`tl.Projection(K)` default kind: `{meta['default_kind']}`; torch {torch.__version__}, "
+        f"{meta['threads']} thread(s).",
+        "",
+    ]
+    for res in results:
+        lines += [
+            f"### {res['model']}: P = {res['P']:,}, N = {res['N']:,}, K = {res['K']:,}, M = {res['M']}",
+            "",
+            f"batched forward+backward {res['fwd_bwd']:,.0f} ex/s; exact trNTK at N: {res['exact_s']:.2f} s; "
+            f"load {res['load_start'][0]:.2f} -> {res['load_end'][0]:.2f}",
+            "",
+            "| kind | options | ex/s | time for N (s) | x exact | per probe, % of fwd+bwd | Gram at N (s) "
+            "| mean abs r |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in res["kinds"]:
+            mark = "~" if r["extrapolated"] else ""
+            opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+            lines.append(
+                f"| {r['kind']}{' (default)' if r['default'] else ''} | {opts} | {r['rate']:,.1f} | "
+                f"{mark}{r['seconds_N']:.2f} | {r['vs_exact']:.2f} | {100 * r['per_probe_share']:.1f} | "
+                f"{mark}{r['gram_s']:.2f} | {r['mean_abs_r']:.4f} |"
+            )
+        lg = res["large"]
+        if lg:
+            lines += [
+                "",
+                f"N = {res['N_large']:,}: exact trNTK {'~' if lg['exact_extrapolated'] else ''}"
+                f"{lg['exact_s']:.1f} s" + (" (N^2 from N)" if lg["exact_extrapolated"] else ""),
+            ]
+            for e in lg["kinds"]:
+                lines.append(
+                    f"- `{e['kind']}`: {e['seconds']:.1f} s ({e['rate']:,.0f} ex/s, {e['vs_exact']:.3f} x "
+                    f"exact, per probe {100 * e['per_probe_share']:.1f}% of fwd+bwd), features "
+                    f"{e['features_GB']:.2f} GB, their N x N Gram ~{e['gram_s_extrapolated']:.0f} s"
+                )
+        lines += ["", "Targets:", ""] + [f"- {t}" for t in targets(res)] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--n-large", type=int, default=20000)
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--kinds", default="rademacher,gaussian,sjlt,srht,kronecker,khatri_rao")
+    ap.add_argument("--large-kinds", default="khatri_rao")
+    ap.add_argument("--exact-large", default="mlp", help="models whose exact kernel is measured at --n-large")
+    ap.add_argument("--kron-factor", type=int, default=16, help="kronecker: kron_dim = factor x K, folded")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--n-fid", type=int, default=500)
+    ap.add_argument("--n-probe", type=int, default=32)
+    ap.add_argument("--max-seconds", type=float, default=60.0)
+    ap.add_argument("--train-steps", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--markdown")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    args.large_kinds = [k for k in args.large_kinds.split(",") if k]
+    args.exact_large = [k for k in args.exact_large.split(",") if k]
+    torch.set_num_threads(args.threads)
+    args.n_fid = min(args.n_fid, args.n)
+    meta: dict[str, Any] = {
+        "threads": args.threads,
+        "default_kind": tl.Projection(args.k).kind,
+        "gemm_start": gemm_gflops(),
+        "argv": vars(args),
+    }
+    print(
+        f"GEMM {meta['gemm_start']:.1f} GFLOP/s; load {os.getloadavg()}; tl.Projection(K) default kind: "
+        f"{meta['default_kind']!r}",
+        flush=True,
+    )
+    results = [run_model(m, args) for m in args.models.split(",") if m]
+    meta["gemm_end"] = gemm_gflops()
+    print(f"\nGEMM at the end {meta['gemm_end']:.1f} GFLOP/s; load {os.getloadavg()}")
+    for res in results:
+        print(f"\nTargets, {res['model']}:")
+        for t in targets(res):
+            print("  " + t)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(results, meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
