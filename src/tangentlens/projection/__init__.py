@@ -1,8 +1,8 @@
 """Seeded random projections (sketches) of per-example gradients, and tools to measure their fidelity.
 
 :class:`Projection` is the public object (:mod:`.core`); it dispatches to one backend per kind
-(:mod:`.dense`, :mod:`.sjlt`, :mod:`.srht`, :mod:`.kronecker`), all built from the counter-based hashing
-of :mod:`.hashing`. :mod:`.fidelity` compares projected kernels with exact ones.
+(:mod:`.dense`, :mod:`.sjlt`, :mod:`.srht`, :mod:`.kronecker`, :mod:`.khatri_rao`), all built from the
+counter-based hashing of :mod:`.hashing`. :mod:`.fidelity` compares projected kernels with exact ones.
 """
 
 from .core import FLAT_KINDS, KINDS, SCALES, Projection

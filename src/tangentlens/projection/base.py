@@ -82,6 +82,15 @@ class TileCache:
             self.nbytes += nbytes
         return value
 
+    def buffer(
+        self, key: tuple[Any, ...], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        """A reused contiguous buffer of ``shape`` (the first entries of :meth:`workspace`)."""
+        numel = 1
+        for s in shape:
+            numel *= s
+        return self.workspace(key, numel, device, dtype)[:numel].view(shape)
+
     def workspace(self, key: tuple[Any, ...], numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """A reused flat buffer of at least ``numel`` entries for ``key`` (allocated on first use, grown
         when a call needs more)."""
@@ -98,15 +107,17 @@ class TileCache:
         self.work.clear()
 
 
-def matmul_rows(x: Tensor, w: Tensor) -> Tensor:
+def matmul_rows(x: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
     """``x @ w`` with ``x`` zero-padded to at least 16 rows, so that each row's result (and
-    summation order) does not depend on how many rows are multiplied together."""
+    summation order) does not depend on how many rows are multiplied together; written into ``out``
+    (a reused buffer: fresh large results cost page faults comparable to the product) when given."""
     n = x.shape[0]
     if 0 < n < MIN_GEMM_ROWS:
         pad = x.new_zeros((MIN_GEMM_ROWS, x.shape[1]))
         pad[:n] = x
-        return (pad @ w)[:n]
-    return x @ w
+        res = (pad @ w)[:n]
+        return res if out is None else out.copy_(res)
+    return x @ w if out is None else torch.matmul(x, w, out=out)
 
 
 def addmm_rows_(out: Tensor, x: Tensor, w: Tensor) -> None:

@@ -90,7 +90,8 @@ class Projection:
         kind: ``"rademacher"`` (the default: the method's reference R), ``"gaussian"``, ``"sjlt"``,
             ``"srht"``, ``"kronecker"`` or ``"khatri_rao"`` (the fast kind for proj-trNTK at scale).
         seed: Integer seed; the matrix is a pure function of ``(kind, seed, dim, s)`` and global
-            column indices, identical across batch sizes, layer splits, processes and devices.
+            column indices (for ``"kronecker"`` / ``"khatri_rao"`` layers: of the layer's key and sizes),
+            identical across batch sizes, layer splits, processes and devices.
         scale: ``"unbiased"`` (``E<phi(a), phi(b)> = <a, b>``) or ``"reference"`` (the method's /
             TRAK's convention: +-1 entries, divided by ``sqrt(P)``, so
             ``E<phi(a), phi(b)> = (K/P) <a, b>``).

@@ -167,7 +167,8 @@ class DenseBackend(FlatBackend):
                 w = w.view(d_in, cc * kp)
                 for r0 in range(0, n, rows):
                     r1 = min(n, r0 + rows)
-                    v = matmul_rows(a2[r0 * big_t : r1 * big_t], w).view(r1 - r0, big_t * cc, kp)
+                    v = self.cache.buffer(("factor-v", dev, dt), ((r1 - r0) * big_t, cc * kp), dev, dt)
+                    v = matmul_rows(a2[r0 * big_t : r1 * big_t], w, out=v).view(r1 - r0, big_t * cc, kp)
                     d = delta[r0:r1, :, :, o0:o1].reshape(r1 - r0, m, big_t * cc)
                     acc[r0:r1].baddbmm_(d, v)
             out.add_(acc[:, :, : self.dim], alpha=self.reference_factor(total) / math.sqrt(self.dim))

@@ -19,8 +19,9 @@ are independent.)
 Variance (one layer, ``T = 1``, Gaussian entries, cosines ``c_a`` between the inputs and ``c_d`` between the
 output gradients): ``Var <phi, phi'> = |G|^2 |G'|^2 (1 + 2 c_d^2 + 2 c_a^2 + 3 c_d^2 c_a^2) / K``, against
 ``|G|^2 |G'|^2 (1 + c_d^2 c_a^2) / K`` for a dense ``R``: 1 to 4 times the dense variance, the most for
-aligned inputs (ReLU activations). On the method's MLP the projected-cosine residuals of proj-trNTK are
-about 1.25 times the dense ones at equal ``K`` (``benchmarks/projection_speed.py``).
+aligned inputs (ReLU activations, image patches). Measured (proj-trNTK, K = 2,048, mean |projected cosine
+- exact cosine|, ``benchmarks/projection_speed.py``): 1.1 times the dense Rademacher residual on the method's
+MLP, 1.6 times on a small CNN.
 
 Cost per example (multiply-adds): ``K T (d_in + M d_out)`` from the factors, or ``M d_out d_in (T + K)``
 through the materialized gradient (chosen per layer, whichever is fewer; the same matrix). A dense kind
@@ -149,19 +150,21 @@ class KhatriRaoBackend(Backend):
             self._add_rows(out[r0:r1], a[r0:r1], delta[r0:r1], at, bt, weight, bias, grad, scale, k, fresh)
         return out
 
-    @staticmethod
+    def _buf(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        return self.cache.buffer(("kr", name, like.device, like.dtype), shape, like.device, like.dtype)
+
     def _add_rows(
-        out: Tensor, a: Tensor, delta: Tensor, at: Tensor, bt: Tensor, weight: bool, bias: bool, grad: bool,
-        scale: float, k: int, fresh: bool,
+        self, out: Tensor, a: Tensor, delta: Tensor, at: Tensor, bt: Tensor, weight: bool, bias: bool,
+        grad: bool, scale: float, k: int, fresh: bool,
     ) -> None:
         """``out += scale * features`` of a few rows (``out = ...`` when ``fresh``; one step of
-        :meth:`project_factors`)."""
+        :meth:`project_factors`). Intermediates go to reused buffers."""
         n, big_t, d_in = a.shape
         m, d_out = delta.shape[1], delta.shape[3]
         kp = at.shape[1]
         if grad:  # G = sum_t delta_t a_t^T, then phi_k = alpha_k^T G beta_k
             g = torch.einsum("bmto,bti->bmoi", delta, a)
-            w = torch.matmul(g, bt[:d_in])  # (n, M, d_out, Kpad)
+            w = torch.matmul(g, bt[:d_in], out=self._buf("w", (n, m, d_out, kp), a))
             if bias:
                 w += delta.sum(2)[..., None] * bt[d_in]
             f = w.mul_(at).sum(2)[..., :k]
@@ -171,33 +174,33 @@ class KhatriRaoBackend(Backend):
                 out.add_(f, alpha=scale)
             return
         if weight:
-            u = matmul_rows(a.reshape(n * big_t, d_in), bt[:d_in])
+            u = matmul_rows(a.reshape(n * big_t, d_in), bt[:d_in], out=self._buf("u", (n * big_t, kp), a))
             if bias:
                 u += bt[d_in]
         else:
             u = bt[d_in].expand(n * big_t, kp)
         if big_t == 1:
-            v = matmul_rows(delta.reshape(n * m, d_out), at).view(n, m, kp)
+            v = matmul_rows(delta.reshape(n * m, d_out), at, out=self._buf("v", (n * m, kp), a))
+            v = v.view(n, m, kp)
             us = (u * scale).reshape(n, 1, kp)[..., :k]
             if fresh:
                 torch.mul(v[..., :k], us, out=out)
             else:
                 out.addcmul_(v[..., :k], us)
             return
-        f = KhatriRaoBackend._positions(delta, u.reshape(n, 1, big_t, kp), at)[..., :k]
+        f = self._positions(delta, u.reshape(n, 1, big_t, kp), at)[..., :k]
         if fresh:
             torch.mul(f, scale, out=out)
         else:
             out.add_(f, alpha=scale)
 
-    @staticmethod
-    def _positions(delta: Tensor, u: Tensor, at: Tensor) -> Tensor:
+    def _positions(self, delta: Tensor, u: Tensor, at: Tensor) -> Tensor:
         """``sum_t (A delta_t) * u_t``, ``(n, M, Kpad)``, for ``T > 1`` positions."""
         n, m, big_t, d_out = delta.shape
         kp = at.shape[1]
         if d_out <= big_t:  # H_m = sum_t delta_{m,t} (B a_t)^T, then phi_k = sum_o A[k, o] H_m[o, k]
             dt = delta.transpose(2, 3).reshape(n, m * d_out, big_t)
-            h = torch.bmm(dt, u.reshape(n, big_t, kp)).view(n, m, d_out, kp)  # no copy of u per probe
-            return h.mul_(at).sum(2)
-        v = matmul_rows(delta.reshape(n * m * big_t, d_out), at).view(n, m, big_t, kp)
-        return v.mul_(u).sum(2)
+            h = torch.bmm(dt, u.reshape(n, big_t, kp), out=self._buf("h", (n, m * d_out, kp), u))
+            return h.view(n, m, d_out, kp).mul_(at).sum(2)  # no copy of u per probe
+        v = matmul_rows(delta.reshape(n * m * big_t, d_out), at, out=self._buf("v", (n * m * big_t, kp), u))
+        return v.view(n, m, big_t, kp).mul_(u).sum(2)
