@@ -308,3 +308,21 @@ def class_weights(
             )
         w[hits[0]] = float(val)
     return w
+
+
+def soft_targets(T: Float64Array) -> Float64Array:
+    """Validate (N, C) soft targets (probability rows) and renormalize them after clipping rounding noise.
+
+    Raises:
+        InputError: fewer than two columns, or rows that are not probability vectors.
+    """
+    if T.shape[1] < 2:
+        raise InputError("Soft targets need at least two columns (classes).")
+    if np.any(T < -1e-12) or not np.allclose(T.sum(axis=1), 1.0, atol=1e-5):
+        raise InputError(
+            "2-D y is read as soft targets: every row must be a probability vector "
+            "(non-negative, summing to 1). Pass softmax probabilities, not logits "
+            "(use KernelRidgeSurrogate to regress logits)."
+        )
+    T = np.clip(T, 0.0, None)
+    return T / T.sum(axis=1, keepdims=True)

@@ -36,6 +36,7 @@ from ._base import (
     encode_targets,
     linear_scores,
     one_class_error,
+    soft_targets,
     symmetric_binary,
     validate_test_kernel,
     validate_train_kernel,
@@ -404,16 +405,7 @@ class KernelSurrogate(KernelMachineMixin, ClassifierMixin, BaseEstimator):
         if T is None and len(classes) < 2:
             raise one_class_error(classes)
         if T is not None:
-            if T.shape[1] < 2:
-                raise InputError("Soft targets need at least two columns (classes).")
-            if np.any(T < -1e-12) or not np.allclose(T.sum(axis=1), 1.0, atol=1e-5):
-                raise InputError(
-                    "2-D y is read as soft targets: every row must be a probability vector "
-                    "(non-negative, summing to 1). Pass softmax probabilities, not logits "
-                    "(use KernelRidgeSurrogate to regress logits)."
-                )
-            T = np.clip(T, 0.0, None)
-            T /= T.sum(axis=1, keepdims=True)
+            T = soft_targets(T)
         labels = np.asarray(y).ravel() if T is None else None
         solver.fit(self, _FitData(K, labels, classes, y_index, T, sw, sample_weight))
         self.solver_used_ = solver.name

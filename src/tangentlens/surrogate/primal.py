@@ -83,6 +83,7 @@ from ._base import (
     decision_from_logits,
     encode_targets,
     one_class_error,
+    soft_targets,
 )
 
 __all__ = ["PrimalKernelSurrogate"]
@@ -295,16 +296,7 @@ class PrimalKernelSurrogate(ClassifierMixin, BaseEstimator):
         if T is None and len(classes) < 2:
             raise one_class_error(classes)
         if T is not None:
-            if T.shape[1] < 2:
-                raise InputError("Soft targets need at least two columns (classes).")
-            if np.any(T < -1e-12) or not np.allclose(T.sum(axis=1), 1.0, atol=1e-5):
-                raise InputError(
-                    "2-D y is read as soft targets: every row must be a probability vector "
-                    "(non-negative, summing to 1). Pass softmax probabilities, not logits "
-                    "(use KernelRidgeSurrogate to regress logits)."
-                )
-            T = np.clip(T, 0.0, None)
-            T /= T.sum(axis=1, keepdims=True)
+            T = soft_targets(T)
         else:
             T = np.zeros((N, len(classes)))
             T[np.arange(N), y_index] = 1.0
