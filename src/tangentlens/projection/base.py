@@ -302,3 +302,41 @@ class FlatBackend(Backend):
             )
 
         check_memory(need, device, what, fix)
+
+
+class FactoredBackend(Backend):
+    """A kind that projects Linear/Conv layers from their captured factors and every flattened parameter
+    through the ``fallback`` kind's backend (its own cache and budget).
+
+    Args:
+        spec: The projection's options.
+        label: How memory-error messages name the projection.
+        flat: The fallback kind's backend, used by :meth:`project`.
+    """
+
+    uses_factors = True
+
+    def __init__(self, spec: Spec, label: str, flat: FlatBackend) -> None:
+        super().__init__(spec, label)
+        self.flat = flat
+
+    def describe(self) -> dict[str, Any]:
+        d = self.flat.describe()
+        d.pop("tile", None)  # the fallback always uses its kind's default tile
+        d["fallback"] = self.spec.fallback
+        return d
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache.nbytes + self.flat.cache_bytes
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+        self.flat.clear_cache()
+
+    def cache_form(self, total_dim: int, device: torch.device, dtype: torch.dtype) -> str | None:
+        return self.flat.cache_form(total_dim, device, dtype)
+
+    def project(self, g: Tensor, offset: int, total: int) -> Tensor:
+        """Flattened parameters (no factors) go through the fallback kind."""
+        return self.flat.project(g, offset, total)

@@ -31,19 +31,18 @@ costs ``M d_out d_in K`` (``d_out d_in (T + M) K`` from the factors).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..memory import check_memory
-from .base import Backend, FlatBackend, Spec, matmul_rows, row_step
+from .base import FactoredBackend, matmul_rows, row_step
 from .hashing import GEN_VERSION, column_keys, rademacher_rows, seed_words
 
 __all__ = ["KhatriRaoBackend"]
 
 
-class KhatriRaoBackend(Backend):
+class KhatriRaoBackend(FactoredBackend):
     """``"khatri_rao"``: Linear/Conv layers from their factors into ``K`` coordinates, plus ``fallback``.
 
     Args:
@@ -52,35 +51,8 @@ class KhatriRaoBackend(Backend):
         flat: The fallback kind's backend (own cache and budget), used by :meth:`project`.
     """
 
-    uses_factors = True
-
-    def __init__(self, spec: Spec, label: str, flat: FlatBackend) -> None:
-        super().__init__(spec, label)
-        self.flat = flat
-
-    def describe(self) -> dict[str, Any]:
-        d = self.flat.describe()
-        d.pop("tile", None)  # the fallback always uses its kind's default tile
-        d["fallback"] = self.spec.fallback
-        return d
-
     def repr_extra(self) -> str:
         return f", fallback={self.spec.fallback!r}"
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.cache.nbytes + self.flat.cache_bytes
-
-    def clear_cache(self) -> None:
-        self.cache.clear()
-        self.flat.clear_cache()
-
-    def cache_form(self, total_dim: int, device: torch.device, dtype: torch.dtype) -> str | None:
-        return self.flat.cache_form(total_dim, device, dtype)
-
-    def project(self, g: Tensor, offset: int, total: int) -> Tensor:
-        """Flattened parameters (no factors) go through the fallback kind."""
-        return self.flat.project(g, offset, total)
 
     def factors(self, key: str, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype) -> tuple[
         Tensor, Tensor

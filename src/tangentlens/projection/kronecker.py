@@ -20,14 +20,14 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..memory import check_memory
-from .base import Backend, FlatBackend, Spec, matmul_rows
+from .base import FactoredBackend, matmul_rows
 from .hashing import GEN_VERSION, check_int, column_keys, rademacher_rows, seed_words
 from .sjlt import countsketch
 
 __all__ = ["KroneckerBackend"]
 
 
-class KroneckerBackend(Backend):
+class KroneckerBackend(FactoredBackend):
     """``"kronecker"``: per-layer Kronecker sketches of ``kron_dim`` coordinates, plus the flat ``fallback``.
 
     Args:
@@ -36,32 +36,10 @@ class KroneckerBackend(Backend):
         flat: The fallback kind's backend (own cache and budget), used by :meth:`project`.
     """
 
-    uses_factors = True
-
-    def __init__(self, spec: Spec, label: str, flat: FlatBackend) -> None:
-        super().__init__(spec, label)
-        self.flat = flat
-
     def describe(self) -> dict[str, Any]:
-        d = self.flat.describe()
-        d.pop("tile", None)  # the fallback always uses its kind's default tile
-        d.update(kron_dim=self.spec.kron_dim, fold=self.spec.fold, fallback=self.spec.fallback)
+        d = super().describe()
+        d.update(kron_dim=self.spec.kron_dim, fold=self.spec.fold, fallback=d.pop("fallback"))
         return d
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.cache.nbytes + self.flat.cache_bytes
-
-    def clear_cache(self) -> None:
-        self.cache.clear()
-        self.flat.clear_cache()
-
-    def cache_form(self, total_dim: int, device: torch.device, dtype: torch.dtype) -> str | None:
-        return self.flat.cache_form(total_dim, device, dtype)
-
-    def project(self, g: Tensor, offset: int, total: int) -> Tensor:
-        """Flattened parameters (no Kronecker factors) go through the fallback kind."""
-        return self.flat.project(g, offset, total)
 
     def kronecker_dims(self, d_in: int, d_out: int) -> tuple[int, int]:
         """The ``(k_in, k_out)`` for a layer with ``d_in`` inputs and ``d_out`` outputs.
