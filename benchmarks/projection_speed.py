@@ -44,6 +44,7 @@ import time
 from typing import Any
 
 import torch
+from projection import mnist_cnn, mnist_mlp  # the same models as benchmarks/projection.py
 from torch import Tensor, nn
 
 import tangentlens as tl
@@ -51,36 +52,6 @@ import tangentlens as tl
 KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "kronecker": {"fold": True},  # kron_dim = 16 K per layer, folded into K (see --kron-factor)
 }
-
-
-def mnist_mlp() -> nn.Module:
-    """The method's MLP 784-100-100-100-10 (99,710 parameters)."""
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 100),
-        nn.ReLU(),
-        nn.Linear(100, 100),
-        nn.ReLU(),
-        nn.Linear(100, 100),
-        nn.ReLU(),
-        nn.Linear(100, 10),
-    )
-
-
-def mnist_cnn() -> nn.Module:
-    """conv5(1->16)-relu-pool-conv5(16->32)-relu-pool-fc(512->160)-relu-fc(160->10): 96,938 parameters."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(512, 160),
-        nn.ReLU(),
-        nn.Linear(160, 10),
-    )
 
 
 MODELS = {"mlp": mnist_mlp, "cnn": mnist_cnn}
