@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import tangentlens as tl
 from tangentlens.capture import (
     RULES,
     BlockCapture,
@@ -237,6 +238,62 @@ def test_hooks_only_implementation_refuses_the_demotion() -> None:
     model = SequenceFirst().double().eval()
     with pytest.raises(UnsupportedLayerError, match="mix"):
         capture(model, torch.randn(4, 5, 2, dtype=torch.float64), implementation="hooks")
+
+
+class MaybeTied(nn.Module):
+    """``tie`` (a plain flag) makes the output layer reuse the embedding table, as :class:`Tied` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 7, bias=False)
+        self.tie = False
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = torch.tanh(self.mix(self.emb(ids))).mean(1)
+        return nn.functional.linear(h, self.emb.weight) if self.tie else self.out(h)
+
+
+def checks_run(model: nn.Module, x: Tensor, **options: object) -> int:
+    """How many times one kernel call's first-block check differentiates down to the parameters (the
+    capture's own backward stops at the module outputs; only the check's reaches a weight)."""
+    seen = []
+    handle = model.mix.weight.register_hook(lambda g: seen.append(1))  # type: ignore[union-attr]
+    try:
+        K = tl.kernel(model, x, kind="trntk0", **options)
+    finally:
+        handle.remove()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    J = jacobians(model, x, names)
+    torch.testing.assert_close(K, torch.einsum("icp,jcp->ij", J, J), rtol=1e-10, atol=1e-12)
+    return len(seen)
+
+
+def test_first_block_checks_run_once_per_model_and_input_layout() -> None:
+    model = MaybeTied().double().eval()
+    ids = torch.randint(0, 7, (5, 3))
+    assert checks_run(model, ids) == 1
+    assert checks_run(model, ids) == 0  # the same model and layout: the outcome is replayed
+    assert checks_run(model, torch.randint(0, 7, (5, 4))) == 1  # another sequence length
+    assert checks_run(model, ids, implementation="hooks") == 1
+    assert checks_run(MaybeTied().double().eval(), ids) == 1  # another model object
+
+
+@pytest.mark.filterwarnings("ignore:These modules were never called")  # ``out``, unused while tied
+def test_a_changed_model_is_checked_again_and_its_demotion_replayed() -> None:
+    model = MaybeTied().double().eval()
+    ids = torch.randint(0, 7, (5, 3))
+    assert checks_run(model, ids) == 1
+    model.tie = True  # a flag the forward reads: the embedding's rule now sees half of its gradient
+    with pytest.warns(UnsupportedLayerWarning, match="disagree"):
+        assert checks_run(model, ids) == 1
+    with pytest.warns(UnsupportedLayerWarning, match="disagree"):  # replayed: demoted and said again
+        assert checks_run(model, ids) == 0
+    model.tie = False
+    model.mix = nn.Linear(4, 4).double()  # a replaced submodule
+    assert checks_run(model, ids) == 1
 
 
 # --------------------------------------------------------------------------------------------------

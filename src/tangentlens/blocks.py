@@ -34,27 +34,21 @@ def cosine_normalize(K: Tensor, d1: Tensor, d2: Tensor, *, unit_diagonal: bool =
         ``K``. Cost O(K.numel()).
     """
     r1 = _rsqrt(d1)
-    r2 = _rsqrt(d2)
+    r2 = r1 if d2 is d1 else _rsqrt(d2)
     if K.dim() == 2:
         K.mul_(r1[:, None]).mul_(r2[None, :])
     else:
         K.mul_(r1[:, None, :, None]).mul_(r2[None, :, None, :])
     if unit_diagonal:
-        idx = torch.arange(K.shape[0])
-        if K.dim() == 2:
-            K[idx, idx] = torch.where(d1 > 0, torch.ones_like(d1), K[idx, idx])
-        else:
-            for c in range(K.shape[2]):
-                K[idx, idx, c, c] = torch.where(d1[:, c] > 0, 1.0, K[idx, idx, c, c])
+        # K[i, i] (or K[i, i, c, c], shaped (N, C)) as a view
+        diag = K.diagonal() if K.dim() == 2 else K.diagonal(0, 0, 1).diagonal(0, 0, 1)
+        diag.copy_(torch.where(d1 > 0, torch.ones_like(diag), diag))
     return K
 
 
 def _rsqrt(d: Tensor) -> Tensor:
-    d = d.clamp(min=0)
-    out = torch.zeros_like(d)
-    pos = d > 0
-    out[pos] = d[pos].rsqrt()
-    return out
+    """1/√d where d > 0, else 0."""
+    return torch.where(d > 0, d.rsqrt(), torch.zeros_like(d))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,14 @@ call also runs the checks that make the result exact whatever the model does:
   autograd's gradient of Σ_i w_i v_i·f(x_i) (one extra backward); a disagreeing rule (weight tying, a
   batch laid out elsewhere) is demoted.
 
+The checks' outcome (which rules were demoted, and why) is remembered per model object, under a structure
+key — every submodule's identity, type, plain attributes (flags such as ``training``), own ``forward`` and
+installed hooks; the selected parameters' and the buffers' identities and shapes — and the first block's
+input layout (shapes, dtypes, devices). A later call with the same key replays the demotions instead of
+repeating the checks, so repeated small calls do not pay the extra backward (``verify=False`` neither reads
+nor records the outcome). Within a call the first block's checks stand for every later block; across calls
+they stand for every call whose model and layout have the same key.
+
 Demotions warn (:class:`~tangentlens.errors.UnsupportedLayerWarning`), or raise with
 ``implementation="hooks"``.
 """
@@ -20,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -39,6 +48,42 @@ _DENSE = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
 ProbeFn = Callable[[Tensor, "Tensor | None"], Tensor]
 """Maps detached logits (B, C) and labels (B,) or None to probe vectors (B, M, C)."""
+
+
+# model -> {structure and input layout: the demotions of its first-block checks, in order}
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, list[tuple[frozenset[str], str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _structure(model: nn.Module, params: dict[str, nn.Parameter], implementation: str) -> Hashable:
+    """What of a model the first-block checks depend on (see the module docstring); computed before the
+    capturer installs its own hooks."""
+    mods = []
+    for name, m in model.named_modules():
+        own = m.__dict__
+        flags = tuple((k, v) for k, v in own.items() if v is None or isinstance(v, (bool, int, float, str)))
+        forward = own.get("forward")
+        mods.append((name, id(m), type(m), flags, None if forward is None else id(forward),
+                     tuple(m._forward_hooks), tuple(m._forward_pre_hooks)))
+    bufs = tuple((n, id(b), tuple(b.shape)) for n, b in model.named_buffers())
+    return implementation, tuple(mods), tuple((n, id(p)) for n, p in params.items()), bufs
+
+
+def _layout(x: Batch) -> Hashable:
+    """What of a block the first-block checks depend on: each tensor's shape, dtype and device; the values
+    of plain arguments, and the identity of other objects, in a dict batch."""
+
+    def sig(v: Any) -> Hashable:
+        if isinstance(v, Tensor):
+            return (tuple(v.shape), v.dtype, v.device)
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return (type(v).__name__, v)
+        return (type(v).__qualname__, id(v))
+
+    if isinstance(x, Tensor):
+        return sig(x)
+    return tuple(sorted((str(k), sig(v)) for k, v in x.items()))
 
 
 _EXPANSION_FAILED = (
@@ -98,12 +143,13 @@ class GradientCapture:
         self._fallback: Fallback | None = None
         self._measure = False  # record the bytes the forward saves for backward (planning)
         self._saved: dict[int, int] = {}  # storage address -> bytes, per-example activations only
+        self._structure = _structure(model, params, implementation) if verify else None
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self._param_ptrs |= {b.untyped_storage().data_ptr() for b in model.buffers()}
         by_id = {id(p): n for n, p in params.items()}
         covered: set[str] = set()
         for mname, mod in model.named_modules() if implementation != "functional" else ():
-            own = {r: p for r, p in mod.named_parameters(recurse=False) if id(p) in by_id}
+            own = {r: p for r, p in mod._parameters.items() if p is not None and id(p) in by_id}
             if not own:
                 continue
             cls = rule_for(mod)
@@ -122,6 +168,8 @@ class GradientCapture:
         # passes; convolution and pooling backward run slower under vmap, so those models keep the loop.
         # Switched off for good if vmap has no batching rule for an op of the model (it warns).
         self.batched_probes = bool(self.rules) and all(isinstance(r.module, _DENSE) for r in self.rules)
+        self._demotions: list[tuple[frozenset[str], str]] = []
+        self._record: Hashable | None = None  # the key the first block's checks are recorded under
         self._warned = implementation == "functional"  # the fallback was asked for: nothing to warn about
 
     def __enter__(self) -> GradientCapture:
@@ -135,6 +183,7 @@ class GradientCapture:
         if not rules:
             return
         names = [n for r in rules for n in r.params()]
+        self._demotions.append((frozenset(r.group for r in rules), why))
         if self.implementation == "hooks":
             raise UnsupportedLayerError(
                 f"{why}: {', '.join(r.group for r in rules)}. With implementation='hooks' their parameters "
@@ -189,6 +238,15 @@ class GradientCapture:
         first = not self._checked
         if first:
             self._warn_unsupported()
+            if self.verify and self._record is None:
+                self._record = (self._structure, _layout(x))
+                known = _CHECKED.get(self.model, {}).get(self._record)
+                if known is not None:  # this model and layout were checked by an earlier call
+                    self._record = None
+                    for groups, why in known:
+                        self._demote([r for r in self.rules if r.group in groups], why)
+                    self._checked = True
+                    first = False
         B = batch_size_of(x)
         for r in self.rules:
             r.reset()
@@ -237,17 +295,13 @@ class GradientCapture:
         V = self.probe_fn(logits.detach(), y)
         M = V.shape[1]
         outs = [o for r in self.rules for o in r.outs]
+        grads = self._output_grads(logits, outs, V) if outs and logits.requires_grad else [None] * len(outs)
+        k = 0
         for r in self.rules:
-            r.grads = [[] for _ in r.outs]
-        if outs and logits.requires_grad:
-            for per_probe in self._output_grads(logits, outs, V):
-                k = 0
-                for r in self.rules:
-                    for slot in r.grads:
-                        slot.append(None if per_probe[k] is None else per_probe[k].detach())
-                        k += 1
+            r.grads = grads[k : k + len(r.outs)]
+            k += len(r.outs)
         check: dict[str, Tensor] | None = None
-        w = _check_weights(B, logits)
+        w = _check_weights(B, logits) if first else None
         if first and self.verify and outs and logits.requires_grad:
             # autograd's gradient of Σ_i w_i v_i·f(x_i): random per-example weights make a capture that
             # credits the wrong example (a broadcast input, a batch laid out elsewhere) disagree
@@ -262,12 +316,16 @@ class GradientCapture:
             r.reset()
         if check is not None:
             self._checked = True
+            assert w is not None
             bad = self._verify(caps, check, w)
             if bad:
                 self._demote(bad, "Hook-based per-example gradients disagree with autograd (a parameter used "
                              "outside its module, e.g. weight tying, or a batch laid out elsewhere)")
                 return self.capture(x, y)
         self._checked = True
+        if self._record is not None:
+            _CHECKED.setdefault(self.model, {})[self._record] = list(self._demotions)
+            self._record = None
         if self.fallback_names:
             if self._fallback is None:
                 self._fallback = Fallback(self.model, {n: self.params[n] for n in self.fallback_names})
@@ -309,10 +367,11 @@ class GradientCapture:
                 bad.append(only)
         return bad or expanded
 
-    def _output_grads(self, logits: Tensor, outs: list[Tensor], V: Tensor) -> list[tuple[Tensor | None, ...]]:
-        """Per probe m, the gradients of Σ_i V[i, m]·f(x_i) with respect to the recorded module outputs
-        (straight to the outputs: no weight gradients). One vmapped backward for all probes when
-        ``batched_probes``, else one backward per probe."""
+    def _output_grads(self, logits: Tensor, outs: list[Tensor], V: Tensor) -> list[Tensor | None]:
+        """Per recorded module output, the gradients of Σ_i V[i, m]·f(x_i) for every probe m, stacked as
+        (B, M, *output shape), detached (straight to the outputs: no weight gradients); None where no probe
+        reaches the output. One vmapped backward for all probes when ``batched_probes``, else one backward
+        per probe."""
         M = V.shape[1]
         if self.batched_probes and M > 1:
             with warnings.catch_warnings(record=True) as said:
@@ -328,10 +387,19 @@ class GradientCapture:
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             if gs is None or slow:
                 self.batched_probes = False
-            if gs is not None:
-                return [tuple(None if g is None else g[m] for g in gs) for m in range(M)]
-        return [torch.autograd.grad(logits, outs, V[:, m], retain_graph=True, allow_unused=True)
-                for m in range(M)]
+            if gs is not None:  # (M, B, ...) -> (B, M, ...)
+                return [None if g is None else g.detach().transpose(0, 1).contiguous() for g in gs]
+        per_probe = [torch.autograd.grad(logits, outs, V[:, m], retain_graph=True, allow_unused=True)
+                     for m in range(M)]
+        stacked: list[Tensor | None] = []
+        for j in range(len(outs)):
+            got = [p[j] for p in per_probe]
+            if all(g is None for g in got):
+                stacked.append(None)
+            else:
+                stacked.append(torch.stack([torch.zeros_like(outs[j]) if g is None else g.detach()
+                                            for g in got], 1))
+        return stacked
 
     def _verify(self, caps: list[Cap], ref: dict[str, Tensor], w: Tensor) -> list[Rule]:
         """The rules whose weighted batch sum Σ_i w_i g_i (probe 0) differs from autograd's ``ref``."""

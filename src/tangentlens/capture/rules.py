@@ -59,7 +59,7 @@ class Rule:
         self.misaligned: str | None = None  # why a call could not be attributed to examples
         self.records: list[Any] = []
         self.outs: list[Tensor] = []
-        self.grads: list[list[Tensor | None]] = []
+        self.grads: list[Tensor | None] = []  # per recorded call: (B, M, *output shape) or None
         self.allow_dense = True  # may a factored capture be materialized when that is cheaper?
         self.dense: bool | None = None  # materialize? fixed on the first block (captures must pair)
         self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
@@ -108,16 +108,13 @@ class Rule:
         return seen.clone()
 
     def deltas(self, call: int, M: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """Output gradients of one call stacked over probes: (B, M, *out_shape).
+        """Output gradients of one call for every probe: (B, M, *out_shape).
 
-        Probes whose gradient never reached this module (the output does not depend on it) give zeros of
-        ``shape``, the output's shape.
+        When no probe's gradient reached this module (the output does not depend on it), zeros shaped
+        (B, M, *shape[1:]) from ``shape``, the output's shape (B, *out_shape).
         """
-        got = [g for g in self.grads[call] if g is not None]
-        if got:
-            shape = tuple(got[0].shape)
-        zero = like.new_zeros(shape)
-        return torch.stack([zero if g is None else g for g in self.grads[call]], 1)
+        g = self.grads[call]
+        return like.new_zeros((shape[0], M, *shape[1:])) if g is None else g
 
     def record(self, x: Tensor) -> Any:  # pragma: no cover - abstract
         """What to keep of one call's input ``x`` (detached)."""
