@@ -121,3 +121,20 @@ def test_bad_memory_budget(bad: object) -> None:
     m = cnn()
     with pytest.raises(InputError, match="memory_budget"):
         tl.kernel(m, data("cnn", 3), memory_budget=bad)  # type: ignore[arg-type]
+
+
+def test_a_block_sliced_from_a_large_tensor_is_planned_by_its_own_bytes() -> None:
+    # x[:n] shares the storage of all 20,000 examples; the plan must count the bytes the block spans
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 28 * 28, 3))
+    big = torch.rand(20_000, 1, 28, 28)
+    sizes = []
+    for x in (big[:300], big[:300].clone()):
+        cfg = tl.KernelConfig(kind="pntk", memory_budget=256 * 2**20,
+                              projection=tl.Projection(64, kind="sjlt", seed=0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MemoryBudgetWarning)
+            with tl.Featurizer(model, cfg) as f:
+                next(iter(f.blocks(x)))
+                sizes.append(f.planned_block_size)
+    assert sizes[0] == sizes[1]

@@ -435,7 +435,11 @@ class GradientCapture:
             st = t.untyped_storage()
             ptr = st.data_ptr()
             if ptr not in self._param_ptrs:  # weights are saved too, but are not per-example memory
-                self._saved[ptr] = st.nbytes()
+                # the bytes the saved view spans, not its whole storage: a block sliced from a large
+                # input tensor (x[:4] of 20,000 examples) shares that tensor's storage
+                span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+                size = min(span * t.element_size(), st.nbytes())
+                self._saved[ptr] = max(self._saved.get(ptr, 0), size)
             return t
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
