@@ -18,7 +18,7 @@ FLOORS: dict[str, int] = {
     "inputs": 1, "memory": 1, "arrays": 1, "kinds": 1, "datasets": 1,
     "network": 2, "projection": 2, "logits": 2, "explanation": 2, "lds_store": 2, "report": 2,
     "probes": 3, "capture": 3, "config": 3, "surrogate": 3, "faithfulness": 3, "explain": 3,
-    "blocks": 4, "engine": 4, "lds": 4,
+    "blocks": 4, "engine": 4, "lds": 4, "attribution_core": 4,
     "features": 5,
     "api": 6,
     "attribution": 7, "store": 7,

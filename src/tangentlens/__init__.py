@@ -6,11 +6,13 @@ Functional core: :func:`kernel`, :func:`train_test_kernels`, :func:`compute` (:c
 Surrogates: :class:`KernelSurrogate` and its
 baselines. Faithfulness: :func:`faithfulness`, :func:`aggregate`. Explanations: :func:`explain`,
 :func:`most_similar`. Counterfactual attribution: :func:`attribute`, :func:`top_attributions`,
-:func:`kglm_contributions`.
+:func:`kglm_contributions`; streamed from feature stores: :func:`attribute_from_store`,
+:func:`top_attributions_from_store` (q from :func:`attribution_q` / :func:`attribution_q_from_model`).
 """
 
 from .api import available_kinds, compute, features, iter_features, kernel, train_test_kernels
 from .attribution import TopAttributions, attribute, kglm_contributions, top_attributions
+from .attribution_core import attribution_q, attribution_q_from_model
 from .blocks import KernelBlocks
 from .config import KernelConfig
 from .errors import (
@@ -35,6 +37,7 @@ from .lds import LDSResult, SubsetRetrainer, SubsetRuns, lds, margins, subset_ma
 from .probes import output_probes
 from .projection import FidelityReport, Projection, fidelity, fidelity_curve
 from .store import FeatureStore, KernelStore, featurize, kernel_from_store
+from .store.attribute import attribute_from_store, top_attributions_from_store
 from .surrogate import KernelRidgeSurrogate, KernelSurrogate, KernelSVMSurrogate, PrimalKernelSurrogate
 
 __version__ = "0.1.0"
@@ -68,6 +71,10 @@ __all__ = [
     "top_attributions",
     "TopAttributions",
     "kglm_contributions",
+    "attribute_from_store",
+    "top_attributions_from_store",
+    "attribution_q",
+    "attribution_q_from_model",
     "TangentLensError",
     "InputError",
     "ModelOutputError",

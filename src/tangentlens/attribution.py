@@ -23,29 +23,33 @@ returns the former in the same (n_test, N) layout, so both can be compared on on
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
-from scipy.special import expit
 from torch import Tensor, nn
 
 from .api import features, train_test_kernels
-from .errors import InputError, NonFiniteError
-from .faithfulness import log_odds64, softmax64
-from .inputs import Source, move_batch
-from .network import ParameterSpec, call_model, extract_logits, prepared
-from .probes import check_labels, labels_mode
+from .attribution_core import (
+    DEFAULT_LAM_SCALE,
+    TopAttributions,
+    check_k,
+    check_lam,
+    iter_logits,
+    q_of_logits,
+    solve_dual,
+    solve_primal,
+)
+from .errors import InputError
+from .faithfulness import softmax64
+from .inputs import Source
+from .network import ParameterSpec
+from .probes import labels_mode
 from .projection import Projection
 
 __all__ = ["DEFAULT_LAM_SCALE", "TopAttributions", "attribute", "kglm_contributions", "top_attributions"]
-
-DEFAULT_LAM_SCALE: float = 1.0
-"""Default ridge λ = ``DEFAULT_LAM_SCALE`` · tr(K)/N (relative to the kernel's scale)."""
 
 
 def attribute(
@@ -115,7 +119,7 @@ def attribute(
         NonFiniteError: non-finite logits or kernels.
     """
     models = _models(model)
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     if projection is not None and not isinstance(projection, Projection):
         raise InputError(f"projection must be a tangentlens.Projection; got {type(projection).__name__}.")
     src_tr = Source(train, batch_size, None if _is_predicted(labels) else labels, "train")
@@ -133,17 +137,17 @@ def attribute(
     common: dict[str, Any] = dict(parameters=parameters, batch_size=batch_size, device=device, dtype=dtype,
                                   memory_budget=memory_budget)
     for m, z in zip(models, logits_tr):
-        q = _q(z, y_tr)
+        q = q_of_logits(z, y_tr)
         if projection is None:
             K, Kt = train_test_kernels(m, train, test, kind="margin", normalize=False, labels=y_tr,
                                        test_labels=y_te, **common)
-            s = _solve_dual(K.double(), Kt.double(), q, lam)  # type: ignore[union-attr]
+            s = solve_dual(K.double(), Kt.double(), q, lam)  # type: ignore[union-attr]
         else:
             F = features(m, train, kind="margin", normalize=False, labels=y_tr, projection=projection,
                          **common)
             Ft = features(m, test, kind="margin", normalize=False, labels=y_te, projection=projection,
                           **common)
-            s = _solve_primal(F.double(), Ft.double(), q, lam)
+            s = solve_primal(F.double(), Ft.double(), q, lam)
         total = s if total is None else total + s
     assert total is not None
     return total / len(models)
@@ -163,14 +167,6 @@ def _models(model: Any) -> list[nn.Module]:
     return models
 
 
-def _check_lam(lam: Any) -> float | None:
-    if lam is None:
-        return None
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
-        raise InputError(f"lam must be a positive finite number (the ridge λ); got {lam!r}.")
-    return float(lam)
-
-
 def _is_predicted(labels: Any) -> bool:
     return labels_mode(labels)[1]
 
@@ -187,16 +183,11 @@ def _logits(model: nn.Module, src: Source, *, device: Any, dtype: torch.dtype | 
     """The network's logits (N, C) (float64, CPU) over ``src`` in eval mode, and the source's labels."""
     zs: list[Tensor] = []
     ys: list[Tensor | None] = []
-    with prepared(model, device=device, dtype=dtype) as (work, dev, dt), torch.no_grad():
-        for blk in src.blocks():
-            x = move_batch(blk.x, dev, dt)
-            zs.append(extract_logits(call_model(work, x), blk.size).double().cpu())
-            ys.append(blk.y)
-    z = torch.cat(zs)
-    if not torch.isfinite(z).all():
-        raise NonFiniteError(f"NaN or infinite logits on {src.name}.")
+    for z, y in iter_logits(model, src, device=device, dtype=dtype):
+        zs.append(z)
+        ys.append(y)
     y = None if any(t is None for t in ys) else torch.cat([torch.as_tensor(t).reshape(-1) for t in ys])
-    return z, y
+    return torch.cat(zs), y
 
 
 def _resolve_labels(labels: Any, logits: Sequence[Tensor], from_src: Tensor | None, arg: str, name: str
@@ -213,82 +204,6 @@ def _resolve_labels(labels: Any, logits: Sequence[Tensor], from_src: Tensor | No
     return y.reshape(-1)
 
 
-def _q(z: Tensor, y: Tensor) -> Tensor:
-    """q_i = 1 − p_{y_i}(x_i) = σ(−m_i) (N,) float64, m the label's log-odds; one logit z reads as [0, z].
-
-    Through the log-odds (:func:`tangentlens.faithfulness.log_odds64`), so q keeps its relative
-    precision when p_y rounds to 1 (a confident, correctly classified training point)."""
-    y = check_labels(y, z.shape[1], "margin")
-    return torch.from_numpy(expit(-log_odds64(z, y)))
-
-
-def _default_lam(trace: float, n: int) -> float:
-    lam = DEFAULT_LAM_SCALE * trace / n
-    if not lam > 0:
-        raise InputError(
-            "The margin kernel of the training points is zero (no parameter gradient reaches the margins); "
-            "check parameters= or pass lam= explicitly."
-        )
-    return lam
-
-
-def _cholesky(A: Tensor, lam: float) -> Tensor:
-    A = A.clone()
-    A.diagonal().add_(lam)
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) != 0:
-        raise InputError(f"K + λI is not numerically positive definite for λ = {lam:.3g}; pass a larger "
-                         "lam=.")
-    return L
-
-
-def _solve_dual(K: Tensor, Kt: Tensor, q: Tensor, lam: float | None) -> Tensor:
-    """k(x, X)(K + λI)⁻¹ diag(q): (T, N)."""
-    if not (torch.isfinite(K).all() and torch.isfinite(Kt).all()):
-        raise NonFiniteError("NaN or infinite margin kernel values.")
-    lam = _default_lam(float(K.diagonal().sum()), K.shape[0]) if lam is None else lam
-    L = _cholesky(K, lam)
-    return torch.cholesky_solve(Kt.T.contiguous(), L).T * q[None, :]
-
-
-def _solve_primal(F: Tensor, Ft: Tensor, q: Tensor, lam: float | None) -> Tensor:
-    """φ(x)ᵀ(ΦᵀΦ + λI)⁻¹Φᵀ diag(q): (T, N), with Φ = F (N, D) and φ = Ft (T, D)."""
-    if not (torch.isfinite(F).all() and torch.isfinite(Ft).all()):
-        raise NonFiniteError("NaN or infinite projected margin features.")
-    lam = _default_lam(float((F * F).sum()), F.shape[0]) if lam is None else lam
-    L = _cholesky(F.T @ F, lam)
-    return (F @ torch.cholesky_solve(Ft.T.contiguous(), L)).T * q[None, :]
-
-
-@dataclass(frozen=True)
-class TopAttributions:
-    """The k most positive (proponents) and most negative (opponents) scores of each test target.
-
-    Attributes:
-        proponents: (T, k) training indices of the largest scores, largest first.
-        proponent_scores: (T, k) their scores.
-        opponents: (T, k) training indices of the smallest (most negative) scores, most negative first.
-        opponent_scores: (T, k) their scores.
-
-    With fewer than k positive (negative) scores the lists continue with the next ones in order, so
-    check the sign of the scores before calling a point a proponent (opponent).
-    """
-
-    proponents: Tensor
-    proponent_scores: Tensor
-    opponents: Tensor
-    opponent_scores: Tensor
-
-    def to_dict(self) -> dict[str, list[list[Any]]]:
-        """Plain-python dict of lists (one list per target)."""
-        return {
-            "proponents": self.proponents.tolist(),
-            "proponent_scores": self.proponent_scores.tolist(),
-            "opponents": self.opponents.tolist(),
-            "opponent_scores": self.opponent_scores.tolist(),
-        }
-
-
 def top_attributions(scores: Tensor | ArrayLike, k: int = 10) -> TopAttributions:
     """Top-k proponents and opponents per test target of a (T, N) score matrix.
 
@@ -302,8 +217,7 @@ def top_attributions(scores: Tensor | ArrayLike, k: int = 10) -> TopAttributions
     Raises:
         InputError: ``k`` is not a positive integer, or ``scores`` is not 1-D/2-D, empty or non-finite.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise InputError(f"k must be a positive integer; got {k!r}.")
+    k = check_k(k)
     S = torch.as_tensor(np.asarray(scores) if not isinstance(scores, Tensor) else scores)
     if S.dim() == 1:
         S = S[None]
