@@ -261,9 +261,11 @@ def test_checkpoints_are_read_without_unpickling(tmp_path, project, capsys) -> N
     assert _run("attribute", str(_config(tmp_path, {"model": trusted, "attribute": "points = 2"}))) == 0
 
 
-def test_scheduler_is_not_available_yet(project, capsys) -> None:
-    assert _run("featurize", str(project / "tl.toml"), "--scheduler", "tcp://127.0.0.1:8786") == 1
-    assert "not available" in capsys.readouterr().err
+def test_an_unreachable_scheduler_exits_1_saying_so(project, capsys) -> None:
+    # (tests/test_distributed.py runs the commands on a real cluster)
+    assert _run("featurize", str(project / "tl.toml"), "--scheduler", "tcp://127.0.0.1:1", "--resume") == 1
+    err = capsys.readouterr().err
+    assert "Cannot reach a dask scheduler at 'tcp://127.0.0.1:1'" in err or "tangentlens[distributed]" in err
 
 
 def test_the_readme_example_is_the_config_example_and_valid(tmp_path) -> None:

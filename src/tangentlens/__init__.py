@@ -36,7 +36,7 @@ from .features import Featurizer
 from .lds import LDSResult, SubsetRetrainer, SubsetRuns, lds, margins, subset_masks
 from .probes import output_probes
 from .projection import FidelityReport, Projection, fidelity, fidelity_curve
-from .store import FeatureStore, KernelStore, featurize, kernel_from_store
+from .store import FeatureStore, KernelStore, ModelRecipe, featurize, kernel_from_store
 from .store.attribute import attribute_from_store, top_attributions_from_store
 from .surrogate import KernelRidgeSurrogate, KernelSurrogate, KernelSVMSurrogate, PrimalKernelSurrogate
 
@@ -98,5 +98,6 @@ __all__ = [
     "FeatureStore",
     "kernel_from_store",
     "KernelStore",
+    "ModelRecipe",
     "__version__",
 ]

@@ -114,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="continue interrupted stores (finished blocks are kept) and reuse complete "
                            "ones; without it an existing store is an error")
             p.add_argument("--scheduler", metavar="ADDRESS", default=None,
-                           help="a dask.distributed scheduler address to run the blocks on")
+                           help="a dask.distributed scheduler address (tcp://HOST:PORT) to run the chunks "
+                           "or kernel blocks on; workers rebuild the model from [model] factory + "
+                           "checkpoint and write to the store, which must be on a file system they share "
+                           "(needs tangentlens[distributed])")
         if name in ("featurize", "kernel", "fit"):
             p.add_argument("--kernel", action="append", metavar="NAME", dest="kernels",
                            help="only this [kernels.NAME] table (repeatable; default: all)")
@@ -146,12 +149,6 @@ def _run_own(args: argparse.Namespace) -> Any:
     from .config import load_config
     from .report import run_report
 
-    if getattr(args, "scheduler", None):
-        from ..errors import InputError
-
-        raise InputError(f"--scheduler {args.scheduler}: distributed featurization on dask.distributed is "
-                         "not available in this version of tangentlens yet; run without --scheduler (one "
-                         "process; --resume continues where a run stopped).")
     cfg = load_config(args.config)
     progress = not args.no_progress
     threads = torch.get_num_threads()
@@ -170,7 +167,8 @@ def _run_own(args: argparse.Namespace) -> Any:
                 return run_report(cfg, out=args.out, progress=progress)
             if args.command in ("featurize", "kernel"):
                 run = commands.featurize_command if args.command == "featurize" else commands.kernel_command
-                return run(cfg, kernels=args.kernels, resume=args.resume, progress=progress)
+                return run(cfg, kernels=args.kernels, resume=args.resume, progress=progress,
+                           scheduler=args.scheduler)
             if args.command == "fit":
                 return commands.fit_command(cfg, kernels=args.kernels, progress=progress)
             run = commands.explain_command if args.command == "explain" else commands.attribute_command

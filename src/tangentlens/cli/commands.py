@@ -18,6 +18,7 @@ feature stores (never N x N) for the configured test points. ``attribute`` runs
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -102,68 +103,95 @@ def _open_features(cfg: RunConfig, name: str, split: str) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 # featurize, kernel
 # ----------------------------------------------------------------------------------------------------------
+def _cluster(scheduler: str | None) -> Any:
+    """A context giving a dask Client for ``scheduler`` (``None`` without one)."""
+    if scheduler is None:
+        return contextlib.nullcontext(None)
+    from ..store.distributed import connect
+
+    return connect(scheduler)
+
+
 def featurize_command(cfg: RunConfig, *, kernels: Sequence[str] | None = None, resume: bool = False,
-                      progress: bool = True, stdout: TextIO | None = None) -> list[Path]:
+                      progress: bool = True, stdout: TextIO | None = None,
+                      scheduler: str | None = None) -> list[Path]:
     """Feature rows of the training and test inputs of every kernel, into ``<store>/NAME/train|test``.
 
     Resumable: with ``resume`` an interrupted store is continued (finished chunks kept) and a complete one
     reused; the configuration, model and data must be those it was made with.
 
+    With ``scheduler`` (a dask.distributed address) every chunk is a task on the cluster: the workers
+    rebuild the model from ``[model]`` factory + checkpoint (a :class:`~tangentlens.ModelRecipe` of this
+    config; the factory's module must be importable and the checkpoint and store readable at the same
+    paths there) and write their chunks into the store; the stores are bit-identical to one process's.
+
     Returns:
         The feature stores' folders. Cost: :func:`tangentlens.featurize`'s per store.
 
     Raises:
-        InputError: a store exists and ``resume`` is False; ConfigError: a bad config.
+        InputError: a store exists and ``resume`` is False, or the scheduler cannot be reached;
+            ConfigError: a bad config.
         StoreMismatchError: ``resume`` on a store made with another config, model or data.
     """
-    from ..store import featurize
+    from ..store import ModelRecipe, featurize
 
     log = stdout if stdout is not None else sys.stdout
     selected = _selected(cfg, kernels)
-    model, data = build_model(cfg), load_data(cfg)
+    data = load_data(cfg)
+    # on a cluster the client and every worker build the model from the config (the recipe pickles the
+    # config, not the model); in one process it is built once
+    model: Any = ModelRecipe(functools.partial(build_model, cfg)) if scheduler else build_model(cfg)
     written = []
-    for ks in selected:
-        for split, x in (("train", data.x_train), ("test", data.x_test)):
-            path = cfg.kernel_dir(ks.name) / split
-            _refuse_existing(path, resume)
-            t0 = time.perf_counter()
-            with _progress(f"featurize {ks.name}/{split}", progress) as cb:
-                fs = featurize(model, x, path, labels=_labels(ks, data, split), config=ks.config, resume=True,
-                               model_id=cfg.model.id, chunk_rows=cfg.store.chunk_rows, progress=cb)
-            print(f"featurize {ks.name}/{split}: {fs.n} rows of shape {fs.row_shape} ({fs.dtype}) -> {path} "
-                  f"({time.perf_counter() - t0:.1f} s)", file=log, flush=True)
-            written.append(path)
+    with _cluster(scheduler) as client:
+        for ks in selected:
+            for split, x in (("train", data.x_train), ("test", data.x_test)):
+                path = cfg.kernel_dir(ks.name) / split
+                _refuse_existing(path, resume)
+                t0 = time.perf_counter()
+                with _progress(f"featurize {ks.name}/{split}", progress) as cb:
+                    fs = featurize(model, x, path, labels=_labels(ks, data, split), config=ks.config,
+                                   resume=True, model_id=cfg.model.id, chunk_rows=cfg.store.chunk_rows,
+                                   progress=cb, scheduler=client)
+                print(f"featurize {ks.name}/{split}: {fs.n} rows of shape {fs.row_shape} ({fs.dtype}) -> "
+                      f"{path} ({time.perf_counter() - t0:.1f} s)", file=log, flush=True)
+                written.append(path)
     return written
 
 
 def kernel_command(cfg: RunConfig, *, kernels: Sequence[str] | None = None, resume: bool = False,
-                   progress: bool = True, stdout: TextIO | None = None) -> list[Path]:
+                   progress: bool = True, stdout: TextIO | None = None,
+                   scheduler: str | None = None) -> list[Path]:
     """The train x train and test x train kernels of every kernel from its feature stores, written block by
     block into ``<store>/NAME/K_train`` and ``K_test`` (never the whole N x N in memory).
+
+    With ``scheduler`` (a dask.distributed address) every block is a task on the cluster, written by the
+    worker into the kernel store (the same bytes as in one process).
 
     Returns:
         The kernel stores' folders. Cost: :func:`tangentlens.kernel_from_store`'s, 2·N·(N/2 + T)·D flops.
 
     Raises:
-        InputError: no feature store (run ``featurize`` first), or a kernel store exists without ``resume``.
+        InputError: no feature store (run ``featurize`` first), a kernel store exists without ``resume``,
+            or the scheduler cannot be reached.
     """
     from ..store import kernel_from_store
 
     log = stdout if stdout is not None else sys.stdout
     written = []
-    for ks in _selected(cfg, kernels):
-        train, test = _open_features(cfg, ks.name, "train"), _open_features(cfg, ks.name, "test")
-        for out_name, b in (("K_train", None), ("K_test", train)):
-            a = train if b is None else test
-            path = cfg.kernel_dir(ks.name) / out_name
-            _refuse_existing(path, resume)
-            t0 = time.perf_counter()
-            with _progress(f"kernel {ks.name}/{out_name}", progress) as cb:
-                kstore = kernel_from_store(a, b, out=path, block_rows=cfg.store.block_rows, resume=True,
-                                           progress=cb)
-            print(f"kernel {ks.name}/{out_name}: {kstore.shape} -> {path} ({time.perf_counter() - t0:.1f} s)",
-                  file=log, flush=True)
-            written.append(path)
+    with _cluster(scheduler) as client:
+        for ks in _selected(cfg, kernels):
+            train, test = _open_features(cfg, ks.name, "train"), _open_features(cfg, ks.name, "test")
+            for out_name, b in (("K_train", None), ("K_test", train)):
+                a = train if b is None else test
+                path = cfg.kernel_dir(ks.name) / out_name
+                _refuse_existing(path, resume)
+                t0 = time.perf_counter()
+                with _progress(f"kernel {ks.name}/{out_name}", progress) as cb:
+                    kstore = kernel_from_store(a, b, out=path, block_rows=cfg.store.block_rows, resume=True,
+                                               progress=cb, scheduler=client)
+                print(f"kernel {ks.name}/{out_name}: {kstore.shape} -> {path} "
+                      f"({time.perf_counter() - t0:.1f} s)", file=log, flush=True)
+                written.append(path)
     return written
 
 

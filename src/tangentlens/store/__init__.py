@@ -3,14 +3,17 @@ core — persistent, resumable, checked against the configuration, model and dat
 
 :func:`featurize` streams a :class:`~tangentlens.Featurizer`'s rows into a :class:`FeatureStore`;
 :func:`kernel_from_store` multiplies stored features block by block into a :class:`KernelStore`. Manifests
-are JSON; nothing is unpickled.
+are JSON; nothing is unpickled. Both run on a ``dask.distributed`` cluster with ``scheduler=``
+(:mod:`tangentlens.store.distributed`); a :class:`ModelRecipe` tells the workers how to rebuild the model.
 """
 
 from .features import FeatureStore
 from .featurize import featurize
 from .fingerprint import data_fingerprint, model_fingerprint
 from .kernels import KernelStore, kernel_from_store
+from .recipe import ModelRecipe
 
 __all__ = [
     "featurize", "FeatureStore", "kernel_from_store", "KernelStore", "model_fingerprint", "data_fingerprint",
+    "ModelRecipe",
 ]

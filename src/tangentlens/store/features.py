@@ -96,23 +96,26 @@ class FeatureStore:
 
     # ------------------------------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> FeatureStore:
-        """Open a store read-only.
+    def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False,
+             writable: bool = False) -> FeatureStore:
+        """Open a store (read-only unless ``writable``).
 
         Args:
             path: the store's directory.
             allow_incomplete: open a store whose run has not finished (to inspect it); its unwritten rows
                 read as zeros.
+            writable: open it to write chunks (what a distributed worker does); implies
+                ``allow_incomplete``.
 
         Raises:
             InputError: no feature store at ``path``, or its run did not finish (the message says how many
                 chunks are done and how to resume).
         """
         p = store_path(path, "path")
-        group, manifest = open_group(p, FORMAT, create=False)
+        group, manifest = open_group(p, FORMAT, create=False, writable=writable)
         assert manifest is not None
         store = cls(group, p, manifest)
-        if not allow_incomplete and not store.complete:
+        if not (allow_incomplete or writable) and not store.complete:
             done = int(store.done().sum()) if "done" in group else 0
             raise InputError(
                 f"The feature store at {str(p)!r} is incomplete: its run stopped after {done} of "

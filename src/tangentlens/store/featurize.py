@@ -21,14 +21,15 @@ from ..network import check_materialized
 from ..probes import LabelSpec, labels_mode
 from .features import FeatureStore
 from .fingerprint import data_fingerprint, model_fingerprint
+from .recipe import ModelRecipe
 
-__all__ = ["featurize"]
+__all__ = ["featurize", "chunk_features", "chunks_of"]
 
 Progress = Callable[[int, int], None]
 
 
 def featurize(
-    model: nn.Module,
+    model: nn.Module | ModelRecipe,
     data: Any,
     store: str | os.PathLike[str],
     *,
@@ -39,6 +40,7 @@ def featurize(
     chunk_rows: int | None = None,
     block_size: int | None = None,
     progress: Progress | None = None,
+    scheduler: Any = None,
     **options: Unpack[KernelOptions],
 ) -> FeatureStore:
     """Compute the feature rows of ``data`` (what :func:`tangentlens.features` returns, unnormalized) into
@@ -57,8 +59,20 @@ def featurize(
     Rows are raw: for a normalizing config (e.g. ``kind="trntk"`` or ``normalize=True``) the kernel of the
     store (:func:`tangentlens.kernel_from_store`) normalizes from the stored diagonals.
 
+    With ``scheduler`` the chunks run as tasks on a ``dask.distributed`` cluster (extra
+    ``tangentlens[distributed]``), one task per chunk: the first chunk alone plans the capture size and
+    records it with the row shape, then the other chunks fan out, each worker capturing in blocks of the
+    recorded size and writing its chunk straight into the store (the path must be the same on every
+    worker: a shared file system), flag after data. The result is bit-identical to the single-process run
+    with the same block size and resumes the same way (a lost worker or client costs at most the chunks in
+    flight). The client reads the data and sends each chunk to a worker, at most two per worker thread in
+    flight. See :mod:`tangentlens.store.distributed`.
+
     Args:
-        model: the network, as in :func:`tangentlens.kernel`.
+        model: the network, as in :func:`tangentlens.kernel`, or a :class:`~tangentlens.ModelRecipe`
+            (factory + checkpoint) that the client and every worker build it from. With ``scheduler`` an
+            ``nn.Module`` is pickled to the workers; a recipe sends only the factory's name and the
+            checkpoint's path.
         data: tensor, dict of tensors, (inputs, labels) pair, Dataset or non-shuffling DataLoader.
         store: the store's directory (new, empty, or a store of this run to resume).
         labels: labels for ``"gradcos"`` / ``"margin"`` (a tensor, or ``"predicted"``).
@@ -71,6 +85,8 @@ def featurize(
         block_size: examples per capture; default: the memory plan's choice, recorded on the first chunk
             and reused on resume.
         progress: called as ``progress(done_chunks, n_chunks)`` once at the start and after each chunk.
+        scheduler: a ``dask.distributed`` scheduler address (``"tcp://host:8786"``), ``Client`` or cluster
+            (e.g. a ``LocalCluster``) to run the chunks on; ``None``: this process.
         **options: the config's fields as keywords (see :func:`tangentlens.kernel`).
 
     Returns:
@@ -82,9 +98,16 @@ def featurize(
     Raises:
         StoreMismatchError: the store at ``store`` was made by another configuration, model, data, label
             mode, ``chunk_rows`` or ``block_size`` (the message names the field and both values).
-        InputError: ``resume=False`` with an existing store, a path that is not a store, bad arguments;
-            and what :func:`tangentlens.features` raises.
+        InputError: ``resume=False`` with an existing store, a path that is not a store, bad arguments,
+            ``scheduler`` without dask installed or an unreachable scheduler; and what
+            :func:`tangentlens.features` raises.
     """
+    recipe = model if isinstance(model, ModelRecipe) else None
+    if recipe is not None:
+        model = recipe.build()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module or a tangentlens.ModelRecipe; got "
+                         f"{type(model).__name__}.")
     cfg = resolve_config(model, config, options)
     check_options(cfg.spec, labels=labels)
     lab, pred = labels_mode(labels)
@@ -99,6 +122,21 @@ def featurize(
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise InputError(f"chunk_rows must be a positive integer; got {chunk_rows!r}.")
     src = Source(data, rows, lab, "data")
+    if scheduler is None:
+        return _run(model, None, None, src, data, store, cfg, lab, pred, chunk_rows, model_id, block_size,
+                    resume, progress)
+    from .distributed import connect
+
+    with connect(scheduler) as client:  # before the data are hashed: a bad address fails fast
+        return _run(model, recipe, client, src, data, store, cfg, lab, pred, chunk_rows, model_id, block_size,
+                    resume, progress)
+
+
+def _run(model: nn.Module, recipe: ModelRecipe | None, client: Any, src: Source, data: Any,
+         store: str | os.PathLike[str], cfg: KernelConfig, lab: Any, pred: bool, chunk_rows: int | None,
+         model_id: str | None, block_size: int | None, resume: bool, progress: Progress | None
+         ) -> FeatureStore:
+    """Open (or create) the store and compute its missing chunks, here or on ``client``'s cluster."""
     with_labels = cfg.spec.needs_labels and not pred
     mode = "predicted" if pred else ("true" if cfg.spec.needs_labels else "none")
     fs = FeatureStore.create(
@@ -112,20 +150,26 @@ def featurize(
     rows = fs.chunk_rows
     if rows != src.batch_size:
         src = Source(data, rows, lab, "data")
-    pending = set(fs.pending())
-    total = fs.n_chunks
-    if progress is not None:
-        progress(total - len(pending), total)
     forced = fs.block_size if fs.block_size is not None else block_size
     # the featurizer reads each chunk as one block (batch_size = chunk rows) and captures it in blocks of
     # the planned / forced size; rows are raw (the kernel normalizes from the stored diagonals)
     fcfg = cfg.replace(normalize=False, batch_size=rows)
+    if client is not None:
+        from .distributed import featurize_on_cluster
+
+        fs = featurize_on_cluster(client, recipe if recipe is not None else model, model, fs, fcfg, pred,
+                                  forced, chunks_of(src, rows), progress)
+        fs.finish()
+        return fs
+    pending = set(fs.pending())
+    total = fs.n_chunks
+    if progress is not None:
+        progress(total - len(pending), total)
     with Featurizer(model, fcfg, predicted=pred, block_size=forced) as f:
         for k, chunk in enumerate(chunks_of(src, rows)):
             if k not in pending:
                 continue
-            parts = [r for _, r in f.blocks(chunk.x, chunk.y)]
-            out = parts[0] if len(parts) == 1 else torch.cat(parts)
+            out = chunk_features(f, chunk)
             fs.allocate(tuple(out.shape[1:]), out.dtype, block_size=f.planned_block_size)
             fs.write_chunk(k, out)
             pending.discard(k)
@@ -133,6 +177,13 @@ def featurize(
                 progress(total - len(pending), total)
     fs.finish()
     return fs
+
+
+def chunk_features(f: Featurizer, chunk: Block) -> torch.Tensor:
+    """The raw feature rows of one chunk: its examples captured in blocks of ``f``'s planned (or forced)
+    size and joined — the one computation of a chunk, in this process or on a Dask worker."""
+    parts = [r for _, r in f.blocks(chunk.x, chunk.y)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def chunks_of(src: Source, rows: int) -> Iterator[Block]:

@@ -84,17 +84,19 @@ class KernelStore:
         self._manifest = manifest
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> KernelStore:
-        """Open a kernel store read-only.
+    def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False,
+             writable: bool = False) -> KernelStore:
+        """Open a kernel store (read-only unless ``writable``: a distributed worker writing blocks; implies
+        ``allow_incomplete``).
 
         Raises:
             InputError: no kernel store at ``path``, or its run did not finish (unless ``allow_incomplete``).
         """
         p = store_path(path, "path")
-        group, manifest = open_group(p, FORMAT, create=False)
+        group, manifest = open_group(p, FORMAT, create=False, writable=writable)
         assert manifest is not None
         ks = cls(group, p, manifest)
-        if not allow_incomplete and not ks.complete:
+        if not (allow_incomplete or writable) and not ks.complete:
             done = ks.done()
             raise InputError(
                 f"The kernel store at {str(p)!r} is incomplete: {int(done.sum())} of {done.size} blocks are "
@@ -179,6 +181,7 @@ def kernel_from_store(
     block_cols: int | None = None,
     resume: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    scheduler: Any = None,
 ) -> KernelStore:
     """The kernel K(a, b) = Φ_a Φ_bᵀ of two feature stores (Φ_a Φ_aᵀ without ``b``), written out of core.
 
@@ -201,6 +204,10 @@ def kernel_from_store(
             transposed copy and Zarr's write buffers): ≈ 100 MiB at the default 2048 in float32.
         resume: continue (or return) an existing kernel store at ``out``; ``False`` refuses one.
         progress: called as ``progress(done_blocks, total_blocks)`` at the start and after each block.
+        scheduler: a ``dask.distributed`` scheduler address, ``Client`` or cluster: each block (tile) is a
+            task that reads its two row blocks from the feature stores, writes the tile (and its mirror)
+            into the kernel store and sets its flag — the same bytes as in one process. The stores' paths
+            must be the same on every worker (a shared file system). ``None``: this process.
 
     Returns:
         The complete :class:`KernelStore`.
@@ -211,8 +218,20 @@ def kernel_from_store(
     Raises:
         StoreMismatchError: the two stores come from different configurations or models, or the store at
             ``out`` was made from other stores or options (the message names the field).
-        InputError: a feature store is incomplete, bad block sizes, ``resume=False`` with an existing store.
+        InputError: a feature store is incomplete, bad block sizes, ``resume=False`` with an existing store,
+            ``scheduler`` without dask installed or an unreachable scheduler.
     """
+    if scheduler is not None:
+        from .distributed import connect
+
+        with connect(scheduler) as client:
+            return _kernel(a, b, out, normalize, block_rows, block_cols, resume, progress, client)
+    return _kernel(a, b, out, normalize, block_rows, block_cols, resume, progress, None)
+
+
+def _kernel(a: FeatureStore | str | os.PathLike[str], b: FeatureStore | str | os.PathLike[str] | None,
+            out: str | os.PathLike[str], normalize: bool | None, block_rows: int, block_cols: int | None,
+            resume: bool, progress: Callable[[int, int], None] | None, client: Any) -> KernelStore:
     fa = _feature_store(a, "a")
     fb = fa if b is None else _feature_store(b, "b")
     symmetric = fb is fa or _side(fb) == _side(fa)
@@ -264,14 +283,19 @@ def kernel_from_store(
         new_array(group, "kernel", shape, (br, bc, *shape[2:]), dtype)
         new_flags(group, "done", (nbi, nbj))
         ks = KernelStore(group, p, manifest)
-    _fill(ks, fa, fb, br, bc, norm, symmetric, progress)
+    if client is None:
+        _fill(ks, fa, fb, br, norm, symmetric, progress)
+    else:
+        from .distributed import kernel_on_cluster
+
+        kernel_on_cluster(client, ks, fa, fb, norm, symmetric, progress)
     update = {"status": COMPLETE, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     group.attrs.update(update)
     ks._manifest.update(update)
     return ks
 
 
-def _fill(ks: KernelStore, fa: FeatureStore, fb: FeatureStore, br: int, bc: int, norm: bool, symmetric: bool,
+def _fill(ks: KernelStore, fa: FeatureStore, fb: FeatureStore, br: int, norm: bool, symmetric: bool,
           progress: Callable[[int, int], None] | None) -> None:
     """Compute and write every block not done yet, row block by row block."""
     done = ks.done()
@@ -279,36 +303,55 @@ def _fill(ks: KernelStore, fa: FeatureStore, fb: FeatureStore, br: int, bc: int,
     count = int(done.sum())
     if progress is not None:
         progress(count, total)
-    K, flags = ks.kernel, ks._group["done"]
-    Fa, Fb, Da, Db = fa.features, fb.features, fa.sqnorms, fb.sqnorms
     nbi, nbj = done.shape
     for i in range(nbi):
         cols = [j for j in range(i if symmetric else 0, nbj) if not done[i, j]]
         if not cols:
             continue
-        ri = slice(i * br, min((i + 1) * br, fa.n))
-        A = _tensor(Fa[ri])
-        da = torch.from_numpy(np.asarray(Da[ri])).to(A.dtype)
+        A, da = row_block(fa, i, br)
         for j in cols:
-            rj = slice(j * bc, min((j + 1) * bc, fb.n))
-            same = symmetric and i == j
-            B = A if same else _tensor(Fb[rj])
-            db = da if same else torch.from_numpy(np.asarray(Db[rj])).to(A.dtype)
-            block = feature_gram(A, None if same else B, fa.full)
-            if norm:
-                cosine_normalize(block, da, db, unit_diagonal=same)
-            if same:  # exactly symmetric: the upper triangle mirrored
-                block = _mirror(block)
-            values = block.numpy()
-            K[ri, rj] = values
-            if symmetric and not same:
-                K[rj, ri] = values.swapaxes(0, 1).swapaxes(2, 3) if values.ndim == 4 else values.T
-                mark_done(flags, (j, i))
-            mark_done(flags, (i, j))
-            count += 1 + (symmetric and not same)
+            count += write_tile(ks, fa, fb, i, j, norm, symmetric, A, da)
             if progress is not None:
                 progress(count, total)
-            del block, values, B
+
+
+def pending_tiles(ks: KernelStore) -> list[tuple[int, int]]:
+    """The (row block, column block) tiles not written yet (on and above the diagonal when symmetric)."""
+    done = ks.done()
+    return [(int(i), int(j)) for i, j in zip(*np.nonzero(~done)) if not (ks.symmetric and j < i)]
+
+
+def row_block(fs: FeatureStore, i: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row block ``i`` of ``fs`` (``rows`` rows per block) and its squared norms, as tensors."""
+    ri = slice(i * rows, min((i + 1) * rows, fs.n))
+    A = _tensor(fs.features[ri])
+    return A, torch.from_numpy(np.asarray(fs.sqnorms[ri])).to(A.dtype)
+
+
+def write_tile(ks: KernelStore, fa: FeatureStore, fb: FeatureStore, i: int, j: int, norm: bool,
+               symmetric: bool, A: torch.Tensor | None = None, da: torch.Tensor | None = None) -> int:
+    """Compute tile (i, j) = Φ_a[I] Φ_b[J]ᵀ (normalized with ``norm``), write it (and its transpose at (j, i)
+    when ``symmetric``), then mark it done; return the number of blocks marked (1 or 2). ``A``, ``da``: row
+    block ``i`` of ``fa`` if already read. The one computation of a tile, here or on a Dask worker."""
+    br, bc = int(ks.manifest["block_rows"]), int(ks.manifest["block_cols"])
+    if A is None or da is None:
+        A, da = row_block(fa, i, br)
+    ri, rj = slice(i * br, min((i + 1) * br, fa.n)), slice(j * bc, min((j + 1) * bc, fb.n))
+    same = symmetric and i == j
+    B, db = (A, da) if same else row_block(fb, j, bc)
+    block = feature_gram(A, None if same else B, fa.full)
+    if norm:
+        cosine_normalize(block, da, db, unit_diagonal=same)
+    if same:  # exactly symmetric: the upper triangle mirrored
+        block = _mirror(block)
+    values = block.numpy()
+    K, flags = ks.kernel, ks._group["done"]
+    K[ri, rj] = values
+    if symmetric and not same:
+        K[rj, ri] = values.swapaxes(0, 1).swapaxes(2, 3) if values.ndim == 4 else values.T
+        mark_done(flags, (j, i))
+    mark_done(flags, (i, j))
+    return 1 + (symmetric and not same)
 
 
 def _tensor(x: Any) -> torch.Tensor:

@@ -60,8 +60,10 @@ def store_path(path: str | os.PathLike[str], what: str) -> Path:
     return Path(path)
 
 
-def open_group(path: Path, fmt: str, *, create: bool) -> tuple[zarr.Group, dict[str, Any] | None]:
-    """The store's group and its manifest (``None`` for a new, empty group made with ``create``).
+def open_group(path: Path, fmt: str, *, create: bool, writable: bool = False
+               ) -> tuple[zarr.Group, dict[str, Any] | None]:
+    """The store's group and its manifest (``None`` for a new, empty group made with ``create``); an
+    existing group is opened read-only unless ``create`` or ``writable``.
 
     Raises:
         InputError: no store at ``path`` (without ``create``), or ``path`` holds something that is not a
@@ -79,7 +81,7 @@ def open_group(path: Path, fmt: str, *, create: bool) -> tuple[zarr.Group, dict[
                 f"{str(path)!r} exists and is not an empty directory nor a tangentlens store; choose a new "
                 "path for the store.")
         return zarr.open_group(str(path), mode="w-"), None
-    group = zarr.open_group(str(path), mode="a" if create else "r")
+    group = zarr.open_group(str(path), mode="a" if create else ("r+" if writable else "r"))
     return group, read_manifest(group, path, fmt)
 
 

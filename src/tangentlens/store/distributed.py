@@ -1,0 +1,334 @@
+"""Feature and kernel stores on a ``dask.distributed`` cluster: one task per chunk of examples, one per tile.
+
+:func:`tangentlens.featurize` and :func:`tangentlens.kernel_from_store` take ``scheduler=`` (an address such
+as ``"tcp://host:8786"``, a ``distributed.Client``, or a cluster object such as a ``LocalCluster``) and hand
+their missing chunks to :func:`featurize_on_cluster` / :func:`kernel_on_cluster`. Dask is imported only here,
+and only when ``scheduler=`` is used (extra ``tangentlens[distributed]``).
+
+Featurization, per store:
+
+1. The client opens (or creates) the store and checks it as in one process (configuration, model and data
+   fingerprints, ``chunk_rows``), then reads the data chunk by chunk and sends each chunk not done to a
+   worker (at most two per worker thread in flight: the client holds a few chunks, never the data set).
+2. The model reaches the workers once: a :class:`~tangentlens.ModelRecipe` (factory + checkpoint path) is
+   built on each worker, an ``nn.Module`` is pickled to them. Every worker thread keeps one
+   :class:`~tangentlens.Featurizer` for the run and checks that its model's weights hash to the client's
+   (else :class:`~tangentlens.StoreMismatchError`: a factory without a seed or a checkpoint).
+3. When the store has no rows yet, the first chunk runs alone: its worker plans the capture size on it
+   (the memory plan, or the caller's ``block_size``), writes it and records the size, the row shape and
+   the dtype in the manifest. Every later chunk is captured in blocks of that recorded size, as a resumed
+   single-process run does, so the rows are bit-identical to one process's (same code:
+   :func:`~tangentlens.store.featurize.chunk_features`; on other machines, as long as they run the same
+   torch build on the same kind of CPU, whose arithmetic kernels decide the last bits).
+4. A worker writes its chunk's rows and squared norms into the shared store and only then sets the chunk's
+   done flag (each chunk and each flag in files of its own: workers never share a file). A worker that dies
+   loses its chunk, which Dask reruns elsewhere; a client that dies loses the chunks in flight, which a
+   resumed call (the same call again) recomputes.
+
+Kernels: the client creates the kernel store, then every tile not done is a task that reads its two row
+blocks from the feature stores, writes the tile (and its mirror for a symmetric kernel) and sets its flags
+(:func:`~tangentlens.store.kernels.write_tile`, the single-process code).
+
+Every path must name the same files on every worker (a shared or local file system); the client passes
+absolute paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import nn
+
+from ..config import KernelConfig
+from ..errors import InputError, StoreMismatchError
+from ..features import Featurizer
+from ..inputs import Block
+from .features import FeatureStore
+from .featurize import chunk_features
+from .fingerprint import model_fingerprint
+from .kernels import KernelStore, pending_tiles, write_tile
+from .recipe import ModelRecipe
+
+__all__ = ["connect", "featurize_on_cluster", "kernel_on_cluster"]
+
+_EXTRA = "pip install 'tangentlens[distributed]'"
+_IN_FLIGHT_PER_THREAD = 2
+
+
+# ------------------------------------------------------------------------------------------- the client
+@contextlib.contextmanager
+def connect(scheduler: Any) -> Iterator[Any]:
+    """A ``distributed.Client`` for ``scheduler`` for the duration (closed after, unless it was given).
+
+    Args:
+        scheduler: an address (``"tcp://host:8786"``), a ``Client`` (used as it is), or a cluster object
+            with a ``scheduler_address`` (e.g. ``LocalCluster``).
+
+    Cost: one connection; a TCP address is probed first, so a wrong host or port fails within Dask's
+    connect timeout (``distributed.comm.timeouts.connect``), immediately when the port is closed.
+
+    Raises:
+        InputError: dask.distributed is not installed (the message names the extra), the scheduler is not
+            an address / client / cluster, or it cannot be reached.
+    """
+    try:
+        import dask
+        import distributed
+    except ImportError:
+        raise InputError(f"scheduler= runs the work on dask.distributed, which is not installed: {_EXTRA} "
+                         "(or run without scheduler=, in this process).") from None
+    if isinstance(scheduler, distributed.Client):
+        yield scheduler
+        return
+    address = getattr(scheduler, "scheduler_address", scheduler)
+    if not isinstance(address, str) or not address:
+        raise InputError(f"scheduler must be a dask scheduler address such as 'tcp://host:8786', a "
+                         f"distributed.Client or a cluster; got {scheduler!r}.")
+    timeout = float(dask.utils.parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))
+    _probe(address, timeout)
+    try:
+        client = distributed.Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(_unreachable(address, timeout, exc)) from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _unreachable(address: str, timeout: float, exc: BaseException) -> str:
+    return (f"Cannot reach a dask scheduler at {address!r} ({type(exc).__name__}: {exc}; waited up to "
+            f"{timeout:g} s, dask's distributed.comm.timeouts.connect). Check the address (tcp://HOST:PORT, "
+            "as `dask scheduler` prints it) and that the scheduler is running and reachable from here.")
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Open (and close) a TCP connection to a ``tcp://`` address: a closed port fails at once, not after
+    the client's retries (other protocols are left to the client)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, loc = parse_address(address)
+        if scheme != "tcp":
+            return
+        host, port = parse_host_port(loc)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{address!r} is not a dask scheduler address ({exc}); write it as "
+                         "tcp://HOST:PORT (e.g. tcp://10.0.0.5:8786).") from None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise InputError(_unreachable(address, timeout, exc)) from None
+
+
+def _run_bounded(client: Any, jobs: Iterator[Callable[[], Any]], on_done: Callable[[Any], None]) -> None:
+    """Submit ``jobs`` (each returns a future) keeping at most two per worker thread in flight; call
+    ``on_done(result)`` as each finishes. The first failure cancels the rest and is raised."""
+    from distributed import as_completed
+
+    threads = sum(client.nthreads().values())
+    limit = max(2, _IN_FLIGHT_PER_THREAD * threads)
+    live: set[Any] = set()
+    queue = as_completed(loop=client.loop)
+
+    def more() -> None:
+        job = next(jobs, None)
+        if job is not None:
+            fut = job()
+            live.add(fut)
+            queue.add(fut)
+
+    try:
+        for _ in range(limit):
+            more()
+        for fut in queue:
+            live.discard(fut)
+            result = fut.result()  # a task's exception is raised here, with its own type
+            fut.release()
+            on_done(result)
+            more()
+    finally:
+        if live:
+            client.cancel(list(live))
+
+
+class _Pickled:
+    """A module pickled on the client (cloudpickle: classes defined in a script travel too) and unpickled
+    as a whole on the worker — Dask's own serialization of a module's parts loses its hook dicts' types."""
+
+    def __init__(self, module: nn.Module) -> None:
+        import cloudpickle
+
+        try:
+            self.payload = cloudpickle.dumps(module)
+        except Exception as exc:  # noqa: BLE001 - pickling errors have many types
+            raise InputError(f"The model cannot be pickled to the Dask workers ({type(exc).__name__}: "
+                             f"{exc}). Pass a tangentlens.ModelRecipe (an importable factory and a "
+                             "checkpoint path) instead of the module.") from None
+
+    def build(self) -> nn.Module:
+        return pickle.loads(self.payload)
+
+
+# ------------------------------------------------------------------------------------------ featurize
+def featurize_on_cluster(
+    client: Any,
+    source: nn.Module | ModelRecipe,
+    model: nn.Module,
+    fs: FeatureStore,
+    config: KernelConfig,
+    predicted: bool,
+    block_size: int | None,
+    chunks: Iterator[Block],
+    progress: Callable[[int, int], None] | None,
+) -> FeatureStore:
+    """Compute the chunks of ``fs`` not done yet on ``client``'s workers (see the module's description).
+
+    Args:
+        client: a connected ``distributed.Client``.
+        source: what the workers build the model from (a recipe, or the module to pickle).
+        model: the client's copy (its weights' fingerprint is what every worker's must equal).
+        fs: the opened (checked) store.
+        config: the featurization's configuration (``batch_size`` = chunk rows, ``normalize=False``).
+        predicted: the label kinds use the network's predictions.
+        block_size: the capture size (recorded or given), or ``None`` to plan it on the first chunk.
+        chunks: every chunk of the data in order (those done are skipped).
+        progress: ``progress(done, total)`` at the start and after each chunk.
+
+    Returns:
+        The store reopened (all chunks written; the caller marks it complete).
+    """
+    path = str(fs.path.resolve())
+    job = {"path": path, "config": config.to_dict(), "config_fingerprint": fs.manifest["config_fingerprint"],
+           "predicted": predicted, "weights": model_fingerprint(model), "run": uuid.uuid4().hex}
+    pending = set(fs.pending())
+    total = fs.n_chunks
+    count = total - len(pending)
+    if progress is not None:
+        progress(count, total)
+    todo = ((k, c) for k, c in enumerate(chunks) if k in pending)
+    src = client.scatter([source if isinstance(source, ModelRecipe) else _Pickled(source)], hash=False)[0]
+
+    def submit(k: int, chunk: Block, size: int | None) -> Any:
+        data = client.scatter([chunk], hash=False)[0]
+        return client.submit(_featurize_task, job, src, k, data, size, key=f"tl-featurize-{job['run']}-{k}",
+                             pure=False)
+
+    try:
+        if not fs.allocated:  # the first chunk plans the capture size and records it with the row shape
+            first = next(todo, None)
+            if first is not None:
+                submit(*first, block_size).result()
+                count += 1
+                if progress is not None:
+                    progress(count, total)
+            fs = FeatureStore.open(path, writable=True)
+            block_size = fs.block_size
+        size = block_size
+
+        def done(_: Any) -> None:
+            nonlocal count
+            count += 1
+            if progress is not None:
+                progress(count, total)
+
+        _run_bounded(client, ((lambda k=k, c=c: submit(k, c, size)) for k, c in todo), done)
+    finally:
+        src.release()
+        with contextlib.suppress(Exception):  # best effort: the workers drop this run's featurizers
+            client.run(_forget, job["run"])
+    return FeatureStore.open(path, writable=True)
+
+
+_CACHE: dict[int, tuple[tuple[str, ...], Featurizer]] = {}  # worker thread -> (run key, its featurizer)
+_CACHE_LOCK = threading.Lock()
+
+
+def _featurizer(job: dict[str, Any], source: ModelRecipe | _Pickled, block_size: int | None) -> Featurizer:
+    """This worker thread's featurizer for ``job`` (built once per thread and run: the model from
+    ``source``, its weights checked against the client's)."""
+    key = (job["run"], job["weights"], json.dumps(job["config"], sort_keys=True), str(job["predicted"]))
+    tid = threading.get_ident()
+    with _CACHE_LOCK:
+        entry = _CACHE.get(tid)
+    if entry is not None and entry[0] == key:
+        f = entry[1]
+        if f.block_size == block_size or (f.planned_block_size is not None and
+                                          f.planned_block_size == block_size):
+            return f
+    model = source.build()
+    weights = model_fingerprint(model)
+    if weights != job["weights"]:
+        raise StoreMismatchError(
+            f"The model built on a Dask worker has other weights than the client's (worker {weights[:19]}…, "
+            f"client {job['weights'][:19]}…). Make the model the same everywhere: load a checkpoint in the "
+            "ModelRecipe, or seed the factory's initialization (torch.manual_seed).")
+    f = Featurizer(model, KernelConfig.from_dict(job["config"]), predicted=job["predicted"],
+                   block_size=block_size)
+    with _CACHE_LOCK:
+        _CACHE[tid] = (key, f)
+    return f
+
+
+def _forget(run: str) -> None:
+    """Drop the featurizers of run ``run`` from this worker (the run is over)."""
+    with _CACHE_LOCK:
+        for tid in [t for t, (key, _) in _CACHE.items() if key[0] == run]:
+            del _CACHE[tid]
+
+
+def _featurize_task(job: dict[str, Any], source: ModelRecipe | _Pickled, k: int, chunk: Block,
+                    block_size: int | None) -> int | None:
+    """On a worker: capture chunk ``k``, write its rows and norms into the store, then set its flag.
+    Returns the capture size used (the planned one on the first chunk)."""
+    fs = FeatureStore.open(job["path"], writable=True)
+    if fs.manifest["config_fingerprint"] != job["config_fingerprint"]:
+        raise StoreMismatchError(f"The store at {job['path']!r} was replaced by another configuration's "
+                                 "while this run was writing it; run again.")
+    if fs.allocated and fs.block_size is not None and block_size != fs.block_size:
+        raise StoreMismatchError(f"The store at {job['path']!r} records capture size {fs.block_size}, this "
+                                 f"task was sent {block_size}; run again (the recorded size is reused).")
+    f = _featurizer(job, source, block_size)
+    rows = chunk_features(f, chunk)
+    fs.allocate(tuple(rows.shape[1:]), rows.dtype, block_size=f.planned_block_size)
+    fs.write_chunk(k, rows)
+    return f.planned_block_size
+
+
+# -------------------------------------------------------------------------------------------- kernels
+def kernel_on_cluster(client: Any, ks: KernelStore, fa: FeatureStore, fb: FeatureStore, norm: bool,
+                      symmetric: bool, progress: Callable[[int, int], None] | None) -> None:
+    """Write every tile of ``ks`` not done yet as a task on ``client``'s workers (the caller marks the store
+    complete). ``progress(done, total)`` at the start and after each tile."""
+    done = ks.done()
+    total, count = done.size, int(done.sum())
+    if progress is not None:
+        progress(count, total)
+    paths = (str(ks.path.resolve()), str(fa.path.resolve()), str(fb.path.resolve()))
+    run = uuid.uuid4().hex
+
+    def tile(i: int, j: int) -> Callable[[], Any]:
+        return lambda: client.submit(_tile_task, *paths, i, j, norm, symmetric,
+                                     key=f"tl-kernel-{run}-{i}-{j}", pure=False)
+
+    def written(n: int) -> None:
+        nonlocal count
+        count += n
+        if progress is not None:
+            progress(count, total)
+
+    _run_bounded(client, (tile(i, j) for i, j in pending_tiles(ks)), written)
+
+
+def _tile_task(kpath: str, apath: str, bpath: str, i: int, j: int, norm: bool, symmetric: bool) -> int:
+    """On a worker: tile (i, j) of the kernel store at ``kpath``; returns the blocks marked (1 or 2)."""
+    fa = FeatureStore.open(apath)
+    fb = fa if bpath == apath else FeatureStore.open(bpath)
+    return write_tile(KernelStore.open(kpath, writable=True), fa, fb, i, j, norm, symmetric)

@@ -1,0 +1,125 @@
+"""``ModelRecipe``: how another process (a Dask worker) rebuilds the model — a factory plus a checkpoint.
+
+A distributed featurization (:func:`tangentlens.featurize` with ``scheduler=``) needs the model on every
+worker. Two ways to get it there:
+
+* a :class:`ModelRecipe` — a picklable zero-argument factory (a module-level function, or a
+  ``functools.partial`` of one) and optionally the path of a state dict saved with
+  ``torch.save(model.state_dict(), path)``. Each worker imports the factory, calls it and loads the weights
+  (read with ``weights_only=True``: no pickled objects). Only the recipe travels; the factory's module must be
+  importable on the workers and the checkpoint readable at the same path.
+* the ``nn.Module`` itself, pickled to every worker (its class must be importable there too). Simple, but
+  the whole module crosses the network once per worker.
+
+Either way each worker hashes the weights it ends up with and refuses to write when they differ from the
+client's (:class:`~tangentlens.StoreMismatchError`): a factory that initializes randomly without a seed or a
+checkpoint gives every worker another network.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+
+__all__ = ["ModelRecipe"]
+
+_STATE_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """A model built by ``factory()`` with the weights of ``checkpoint`` (if given) loaded strictly.
+
+    Pass it wherever :func:`tangentlens.featurize` takes a model: the client builds it once (for the
+    configuration, the fingerprint and the plan), and with ``scheduler=`` every worker builds its own copy.
+
+    Attributes:
+        factory: a picklable callable with no arguments returning the ``nn.Module`` (a module-level
+            function or a ``functools.partial`` of one; lambdas and local functions cannot be sent to
+            worker processes).
+        checkpoint: path of a state dict (``torch.save(model.state_dict(), path)``), or of a dict holding
+            one under ``checkpoint_key`` (or under ``"state_dict"`` / ``"model_state_dict"`` / ``"model"``).
+            Stored as an absolute path; every worker must read it at that path (a shared file system).
+        checkpoint_key: the key of the state dict inside the checkpoint's dict.
+
+    Example::
+
+        recipe = tl.ModelRecipe(functools.partial(make_cnn, width=32), checkpoint="ckpt/cnn.pt")
+        tl.featurize(recipe, x_train, "store/train", kind="pntk", projection=tl.Projection(512),
+                     scheduler="tcp://scheduler:8786")
+    """
+
+    factory: Callable[[], nn.Module]
+    checkpoint: str | os.PathLike[str] | None = None
+    checkpoint_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.factory):
+            raise InputError(f"ModelRecipe's factory must be callable (returning an nn.Module); got "
+                             f"{self.factory!r}.")
+        if self.checkpoint is not None:
+            if not isinstance(self.checkpoint, (str, os.PathLike)):
+                raise InputError(f"ModelRecipe's checkpoint must be a path; got {self.checkpoint!r}.")
+            object.__setattr__(self, "checkpoint", str(Path(self.checkpoint).resolve()))
+
+    def build(self) -> nn.Module:
+        """Call the factory and load the checkpoint's weights (strictly).
+
+        Returns:
+            The model, in the mode the factory left it.
+
+        Raises:
+            InputError: the factory does not return an ``nn.Module``; the checkpoint is missing, holds
+                pickled objects, or does not fit the model (the message says what to change).
+        """
+        model = self.factory()
+        if not isinstance(model, nn.Module):
+            raise InputError(f"ModelRecipe's factory {self.factory!r} returned a {type(model).__name__}, "
+                             "not a torch.nn.Module; return the network.")
+        if self.checkpoint is not None:
+            try:
+                model.load_state_dict(self._state(), strict=True)
+            except RuntimeError as exc:
+                raise InputError(f"The checkpoint {self.checkpoint!r} does not fit the factory's model: "
+                                 f"{' '.join(str(exc).split())} Check the factory or checkpoint_key."
+                                 ) from None
+        return model
+
+    def _state(self) -> Mapping[str, Tensor]:
+        path = str(self.checkpoint)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise InputError(f"The checkpoint {path!r} holds pickled Python objects, which are not loaded "
+                             "(loading them runs code from the file); save the weights with "
+                             "torch.save(model.state_dict(), path).") from None
+        except (RuntimeError, OSError, EOFError) as exc:
+            raise InputError(f"The checkpoint {path!r} cannot be read by torch.load ({exc}); every worker "
+                             "must read it at this path (a shared file system).") from None
+
+        def is_state(d: Any) -> bool:
+            return isinstance(d, Mapping) and bool(d) and all(
+                isinstance(k, str) and isinstance(v, Tensor) for k, v in d.items())
+
+        if self.checkpoint_key is not None:
+            if not isinstance(obj, Mapping) or not is_state(obj.get(self.checkpoint_key)):
+                keys = list(obj) if isinstance(obj, Mapping) else type(obj).__name__
+                raise InputError(f"The checkpoint {path!r} has no state dict under {self.checkpoint_key!r} "
+                                 f"(its keys: {keys}); pass one of them as checkpoint_key.")
+            return obj[self.checkpoint_key]
+        if is_state(obj):
+            return obj
+        inner = [k for k in _STATE_KEYS if isinstance(obj, Mapping) and is_state(obj.get(k))]
+        if inner:
+            return obj[inner[0]]
+        raise InputError(f"The checkpoint {path!r} holds a {type(obj).__name__}, not a state dict of "
+                         "tensors; save it with torch.save(model.state_dict(), path) or pass checkpoint_key.")
