@@ -9,7 +9,8 @@ orchestrates. Stages, in order (``--stages`` picks some; the stores are reused w
 1. ``train``: the CNN (two 3×3 convolutions with pooling, two dense layers, 106k parameters), Adam, 2 epochs,
    batch 128; saves the weights and the network's logits on both splits;
 2. ``featurize``: ``tl.featurize`` of the train and test images for proj-pNTK (``kind="pntk",
-   normalize=True``) and proj-trNTK (``kind="trntk"``), ``tl.Projection(dim, kind)``; resumable;
+   normalize=True``, K = 1,024) and proj-trNTK (``kind="trntk"``, K = 256 per class: rows of 2,560),
+   ``tl.Projection(K, kind)``; resumable;
 3. ``fit``: ``tl.PrimalKernelSurrogate(normalize=True)`` on the stored training rows (never the 60,000²
    kernel), labels and distilled targets (the network's softmax), per kernel; test logits from the stored
    test rows; ``tl.faithfulness`` on the 10,000 test points; ``tl.explain`` of 100 test points from kernel
@@ -79,9 +80,12 @@ def trained(root: Path) -> nn.Module:
     return model.eval()
 
 
-def projection(args: argparse.Namespace) -> tl.Projection:
+def projection(args: argparse.Namespace, kernel: str = "proj-pntk") -> tl.Projection:
+    """The projection of a kernel's features: K = ``--dim`` (proj-pNTK, margin) or ``--trntk-dim``
+    (proj-trNTK, whose rows hold the C = 10 projected per-class gradients: D = 10·K)."""
     extra = {"fold": True} if args.proj_kind == "kronecker" else {}
-    return tl.Projection(args.dim, kind=args.proj_kind, seed=0, **extra)
+    dim = args.trntk_dim if kernel == "proj-trntk" else args.dim
+    return tl.Projection(dim, kind=args.proj_kind, seed=0, **extra)
 
 
 def _peak() -> int:
@@ -128,7 +132,7 @@ def stage_featurize(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for split in ("train", "test"):
             x, _ = mnist(args, split)
             t0 = time.perf_counter()
-            fs = featurize(model, x, root / name / split, projection=projection(args),
+            fs = featurize(model, x, root / name / split, projection=projection(args, name),
                            chunk_rows=args.chunk_rows, **opts)  # type: ignore[arg-type]
             out[f"{name}/{split}"] = {"rows": fs.n, "dim": fs.row_shape[-1],
                                       "seconds": round(time.perf_counter() - t0, 1),
@@ -171,29 +175,28 @@ def stage_fit(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def stage_attribute(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    attribute_from_store = getattr(tl, "attribute_from_store", None)
-    if attribute_from_store is None:
-        return {"skipped": "tangentlens.attribute_from_store is not available in this version"}
+    top_from_store = getattr(tl, "top_attributions_from_store", None)
+    if top_from_store is None:
+        return {"skipped": "tangentlens.top_attributions_from_store is not available in this version"}
     model = trained(root)
     x, y = mnist(args, "train")
     xt, _ = mnist(args, "test")
     z = np.load(root / "logits_train.npy")
     zt = np.load(root / "logits_test.npy")
-    yt_pred = zt[:N_EXPLAIN].argmax(1)
     t0 = time.perf_counter()
     fs = featurize(model, x, root / "margin" / "train", kind="margin", labels=torch.from_numpy(y),
                    projection=projection(args), chunk_rows=args.chunk_rows)
     feat_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ft = tl.features(model, xt[:N_EXPLAIN], kind="margin", labels=torch.from_numpy(yt_pred),
-                     projection=projection(args), normalize=False)
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    q = 1.0 - p[np.arange(len(y)), y]
-    top = attribute_from_store(fs, ft.numpy(), q=q, k=10)
+    # the targets' own predicted class: which training points raised the margin of the network's answer
+    yt = torch.from_numpy(zt[:N_EXPLAIN].argmax(1))
+    ft = tl.features(model, xt[:N_EXPLAIN], kind="margin", labels=yt, projection=projection(args),
+                     normalize=False)
+    q = tl.attribution_q(z, y)
+    top = top_from_store(fs, ft, q=q, k=10)
     attr_s = time.perf_counter() - t0
     return {"margin_featurize_s": round(feat_s, 1), "attribute_s": round(attr_s, 1), "targets": N_EXPLAIN,
-            "result": type(top).__name__}
+            "top_k": 10, "result": type(top).__name__}
 
 
 def stage_cluster(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -241,7 +244,9 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=10_000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--proj-kind", default="khatri_rao", help="projection kind")
-    ap.add_argument("--dim", type=int, default=1024, help="projection dimension K")
+    ap.add_argument("--dim", type=int, default=1024, help="projection dimension K (proj-pNTK, margin)")
+    ap.add_argument("--trntk-dim", type=int, default=256,
+                    help="projection dimension K per class of proj-trNTK (rows of 10·K)")
     ap.add_argument("--alpha", type=float, default=1e-4, help="the kGLM's ridge")
     ap.add_argument("--chunk-rows", type=int, default=1024)
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
@@ -269,7 +274,8 @@ def main() -> None:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
     print(f"\nMNIST {args.n_train:,} train / {args.n_test:,} test, small CNN (106k parameters), "
-          f"Projection({args.dim}, {args.proj_kind!r}), chunk_rows = {args.chunk_rows}; "
+          f"Projection({args.dim} / {args.trntk_dim} per class, {args.proj_kind!r}), "
+          f"chunk_rows = {args.chunk_rows}; "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread per process\n")
     print("| stage | wall time | peak RSS (after imports) |\n|---|---|---|")
     for r in results:

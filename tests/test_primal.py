@@ -87,7 +87,7 @@ def test_primal_equals_dual(N, D, C, soft):
 def test_streamed_array_like_equals_dual(N, D, C, soft):
     Phi, Pt, y = _data(N, D, C, soft, seed=1)
     store = RowStore(Phi, max_rows=16)
-    p = PrimalKernelSurrogate(alpha=1e-3, block_rows=16, **TIGHT).fit(store, y)
+    p = PrimalKernelSurrogate(alpha=1e-3, block_rows=16, cache_bytes=0, **TIGHT).fit(store, y)
     assert store.most <= 16 and store.reads >= 3 * int(np.ceil(N / 16))  # Gram, >= 1 L-BFGS pass, W
     d = KernelSurrogate(solver="lbfgs", alpha=1e-3, **TIGHT).fit(Phi @ Phi.T, y)
     _assert_same(p, d, Phi, Pt)
@@ -97,6 +97,20 @@ def test_streamed_array_like_equals_dual(N, D, C, soft):
     store.reads = 0
     assert_allclose(p.kernel_rows(Pt, store), Pt @ Phi.T, atol=1e-12)
     assert store.reads == int(np.ceil(N / 16))
+
+
+def test_rows_within_cache_bytes_are_read_once():
+    Phi, Pt, y = _data(90, 12, 3, False, seed=4)
+    store = RowStore(Phi, max_rows=16)
+    cached = PrimalKernelSurrogate(alpha=1e-3, block_rows=16, **TIGHT).fit(store, y)
+    assert store.most <= 16 and store.reads == int(np.ceil(90 / 16))  # one pass, in blocks
+    streamed = PrimalKernelSurrogate(alpha=1e-3, block_rows=16, cache_bytes=90 * 12 * 8 - 1, **TIGHT)
+    store.reads = 0
+    streamed.fit(store, y)
+    assert store.reads >= 3 * int(np.ceil(90 / 16))
+    assert_allclose(cached.class_coef_, streamed.class_coef_, atol=1e-9)
+    with pytest.raises(InputError, match="cache_bytes"):
+        PrimalKernelSurrogate(cache_bytes=-1).fit(Phi, y)
 
 
 def test_memmap_is_streamed(tmp_path):

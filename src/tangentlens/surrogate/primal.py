@@ -46,8 +46,9 @@ Measured at N = 20,000, D = 512, C = 10 (unit-norm random features, teacher labe
 13.7 s and 78 MB above the in-memory features, against 527 s (plus 28 s to form K) and 6.2 GB for
 ``KernelSurrogate(solver="lbfgs")`` -- 39x faster, 80x less memory.
 Φ may be a numpy array (used in place, or converted to float64 once) or any array-like with ``.shape``
-and row slicing ``Φ[i:j]`` (a Zarr or h5py array, a ``np.memmap``): then it is read block by block on
-every pass and never loaded whole.
+and row slicing ``Φ[i:j]`` (a Zarr or h5py array, a ``np.memmap``): then it is read block by block, once
+into memory when its float64 rows fit ``cache_bytes`` (default 1 GiB: N = 60,000 rows of D = 1,024 take
+491 MB), else on every pass without ever being loaded whole.
 
 **Explanations without the N x N kernel.** :func:`tangentlens.explain` needs ``class_coef_``,
 ``class_intercept_``, ``classes_`` and a (T, N) test x train block; :meth:`PrimalKernelSurrogate.kernel_rows`
@@ -97,10 +98,12 @@ class _Rows:
 
     A plain ``np.ndarray`` is converted (and normalized) once and yielded as one block; anything else
     (a Zarr array, ``np.memmap``, an object with ``.shape`` and ``Φ[i:j]``) is read ``block_rows`` rows
-    at a time on every pass. Every block is checked for NaN/inf.
+    at a time: once into memory when its float64 rows take at most ``cache_bytes``, else on every pass.
+    Every block is checked for NaN/inf.
     """
 
-    def __init__(self, Phi: Any, what: str, block_rows: int | None, normalize: bool) -> None:
+    def __init__(self, Phi: Any, what: str, block_rows: int | None, normalize: bool,
+                 cache_bytes: int = 0) -> None:
         if not (hasattr(Phi, "shape") and hasattr(Phi, "__getitem__")):
             Phi = np.asarray(Phi, dtype=np.float64)
         shape = tuple(int(s) for s in Phi.shape)
@@ -114,10 +117,15 @@ class _Rows:
         self.normalize = normalize
         self.rows = max(1, _BLOCK_ELEMENTS // self.d) if block_rows is None else int(block_rows)
         self._full: Float64Array | None = None
+        self._src = Phi
         if type(Phi) is np.ndarray:
             self._full = self._prepare(Phi, 0)
             self.rows = self.n
-        self._src = Phi
+        elif self.n * self.d * 8 <= cache_bytes:  # read once, block by block, into one float64 array
+            full = np.empty((self.n, self.d))
+            for start, stop, B in self.blocks():
+                full[start:stop] = B
+            self._full, self.rows = full, self.n
 
     def _prepare(self, block: Any, start: int) -> Float64Array:
         B = np.asarray(block, dtype=np.float64)
@@ -213,6 +221,9 @@ class PrimalKernelSurrogate(ClassifierMixin, BaseEstimator):
         normalize: Scale every feature row (training and test) to unit norm on the fly, so that
             K is the cosine-normalized kernel; leave False when the rows are already normalized.
         block_rows: Rows per streamed block of a non-numpy Φ (``None``: about 2**22 / D).
+        cache_bytes: A non-numpy training Φ whose float64 rows take at most this many bytes is read once
+            and kept in memory for the fit's passes (default 2**30); larger ones, or all with 0, are
+            read again on every pass.
         rank_rtol: Eigenvalues of ΦᵀΦ at or below ``rank_rtol · λ_max`` are dropped (``None``:
             ``D · eps``, NumPy's ``pinv`` default).
 
@@ -237,6 +248,7 @@ class PrimalKernelSurrogate(ClassifierMixin, BaseEstimator):
         tol: float | None = None,
         normalize: bool = False,
         block_rows: int | None = None,
+        cache_bytes: int = 2**30,
         rank_rtol: float | None = None,
     ) -> None:
         self.alpha = alpha
@@ -246,6 +258,7 @@ class PrimalKernelSurrogate(ClassifierMixin, BaseEstimator):
         self.tol = tol
         self.normalize = normalize
         self.block_rows = block_rows
+        self.cache_bytes = cache_bytes
         self.rank_rtol = rank_rtol
 
     def _check_params(self) -> None:
@@ -260,6 +273,9 @@ class PrimalKernelSurrogate(ClassifierMixin, BaseEstimator):
             or self.block_rows < 1
         ):
             raise InputError(f"block_rows must be a positive integer or None, got {self.block_rows!r}.")
+        cb = self.cache_bytes
+        if not isinstance(cb, Integral) or isinstance(cb, bool) or cb < 0:
+            raise InputError(f"cache_bytes must be a non-negative integer, got {self.cache_bytes!r}.")
         if self.rank_rtol is not None and (not isinstance(self.rank_rtol, Real) or not self.rank_rtol >= 0):
             raise InputError(f"rank_rtol must be a non-negative number or None, got {self.rank_rtol!r}.")
         cw = self.class_weight
@@ -289,7 +305,8 @@ class PrimalKernelSurrogate(ClassifierMixin, BaseEstimator):
             UnknownKindError: unknown class_weight.
         """
         self._check_params()
-        rows = self._rows(Phi, "training feature matrix")
+        rows = _Rows(Phi, "training feature matrix", self.block_rows, bool(self.normalize),
+                     int(self.cache_bytes))
         N, D = rows.n, rows.d
         classes, y_index, T = encode_targets(y, N, allow_soft=True)
         sw = check_sample_weight(sample_weight, N)
