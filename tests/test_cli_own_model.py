@@ -143,6 +143,12 @@ def test_pipeline_writes_where_the_config_says(project, capsys) -> None:
     S = np.load(project / "out" / "attributed.npy")
     assert S.shape == (4, 60) and at["test_indices"] == [0, 1, 2, 3]
     assert at["proponents"][0] == np.argsort(-S[0], kind="stable")[:2].tolist()
+    # with a projection the margin features go to a store and the estimator streams from it; a rerun
+    # reuses the finished store and gives the same scores
+    assert "attribute_from_store" in at["estimator"]
+    assert (store / "attribution" / "train" / "zarr.json").is_file()
+    assert _run("attribute", cfg) == 0
+    assert np.array_equal(np.load(project / "out" / "attributed.npy"), S)
 
 
 def test_fit_before_featurize_says_what_to_run(tmp_path, project, capsys) -> None:

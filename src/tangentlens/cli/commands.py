@@ -11,8 +11,11 @@ Every kernel ``NAME`` of the config has a folder ``<store>/NAME`` holding::
 (:class:`~tangentlens.surrogate.primal.PrimalKernelSurrogate`) when the features have at most N dimensions,
 otherwise the exact dual kGLM on the stored ``K_train`` (computed when missing); it scores faithfulness on
 the test features and writes ``<store>/fit.json``. ``explain`` streams test x train kernel rows from the
-feature stores (never N x N) for the configured test points. ``attribute`` runs
-:func:`tangentlens.attribute` (the primal D x D form with ``[attribute] projection``) in memory.
+feature stores (never N x N) for the configured test points. ``attribute`` with ``[attribute] projection``
+writes the training set's projected margin features to ``<store>/attribution/train`` (resumable) and
+streams TRAK's primal D x D estimator from it (:func:`tangentlens.attribute_from_store`: memory D² plus
+T x N scores, whatever N); without a projection it runs the exact :func:`tangentlens.attribute` in memory
+(the N x N margin kernel).
 """
 
 from __future__ import annotations
@@ -440,13 +443,24 @@ def explain_command(cfg: RunConfig, *, progress: bool = True, stdout: TextIO | N
 
 
 def attribute_command(cfg: RunConfig, *, progress: bool = True, stdout: TextIO | None = None) -> Path:
-    """Counterfactual attribution (:func:`tangentlens.attribute`, TRAK's estimator on the margin kernel) of
-    ``[attribute] points`` test points: the top-k training points whose removal would lower (proponents) or
-    raise (opponents) each margin, as JSON, and the full (T, N) scores next to it (``.npy``).
+    """Counterfactual attribution (TRAK's estimator on the margin kernel) of ``[attribute] points`` test
+    points: the top-k training points whose removal would lower (proponents) or raise (opponents) each
+    margin, as JSON, and the full (T, N) scores next to it (``.npy``).
+
+    With ``[attribute] projection`` the training set's projected margin features go to the feature store
+    ``<store>/attribution/train`` (chunk by chunk, resumed when it exists for this model, data and
+    projection), q_i = 1 − p_{y_i}(x_i) comes from one streamed forward pass, and the scores are streamed
+    from the store (:func:`tangentlens.attribute_from_store`); without one, :func:`tangentlens.attribute`
+    computes the exact margin kernel in memory.
 
     Returns:
-        The JSON file. Cost: :func:`tangentlens.attribute`'s (the margin kernel of the N training points,
-        then N³/3 + T·N² flops; with ``projection``, N·D² + D³/3).
+        The JSON file. Cost: with a projection, the margin features (one forward and one backward per
+        example) and N·D² + D³/3 + T·N·D flops, memory D² + T·N; without, the N x N margin kernel and
+        N³/3 + T·N² flops.
+
+    Raises:
+        StoreMismatchError: ``<store>/attribution/train`` holds features of another model, data or
+            projection (remove it, or point ``[store] path`` elsewhere).
     """
     log = stdout if stdout is not None else sys.stdout
     a = cfg.attribute
@@ -454,21 +468,44 @@ def attribute_command(cfg: RunConfig, *, progress: bool = True, stdout: TextIO |
     idx = _points(a.points, data.n_test, f"{cfg.path}: [attribute]")
     x_test = _take(data.x_test, idx)
     true = a.labels == "true"
-    with _progress("attribute", progress) as cb:
-        cb(0, 1)
-        S = attribute(model, data.x_train, x_test, labels=data.y_train if true else "predicted",
-                      test_labels=data.y_test[torch.as_tensor(idx)] if true else "predicted",
-                      projection=a.projection, lam=a.lam)
-        cb(1, 1)
+    train_labels: Any = data.y_train if true else "predicted"
+    test_labels: Any = data.y_test[torch.as_tensor(idx)] if true else "predicted"
+    if a.projection is None:
+        with _progress("attribute", progress) as cb:
+            cb(0, 1)
+            S = attribute(model, data.x_train, x_test, labels=train_labels, test_labels=test_labels,
+                          lam=a.lam)
+            cb(1, 1)
+        estimator = "tangentlens.attribute (TRAK's estimator on the exact margin kernel)"
+    else:
+        from ..attribution_core import attribution_q
+        from ..api import features
+        from ..store import featurize
+        from ..store.attribute import attribute_from_store
+
+        z_train = network_logits(model, data.x_train)
+        y_train = torch.as_tensor(data.y_train) if true else torch.as_tensor(z_train).argmax(1)
+        if true:
+            y_test = torch.as_tensor(test_labels)
+        else:
+            y_test = torch.as_tensor(network_logits(model, x_test)).argmax(1)
+        with _progress("attribute: margin features", progress) as cb:
+            fs = featurize(model, data.x_train, cfg.store.path / "attribution" / "train", kind="margin",
+                           labels=y_train, projection=a.projection, normalize=False, model_id=cfg.model.id,
+                           chunk_rows=cfg.store.chunk_rows, progress=cb)
+        F_test = features(model, x_test, kind="margin", labels=y_test, projection=a.projection,
+                          normalize=False)
+        S = attribute_from_store(fs, F_test, q=attribution_q(z_train, y_train), lam=a.lam)
+        estimator = (f"tangentlens.attribute_from_store (TRAK's estimator on margin features projected to "
+                     f"{a.projection.dim} dimensions, streamed from {fs.path})")
     top = top_attributions(S, k=min(a.k, batch_size_of(data.x_train)))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     scores = a.out.with_suffix(".npy")
     np.save(scores, S.double().cpu().numpy(), allow_pickle=False)
-    projected = f", projected to {a.projection.dim} dimensions)" if a.projection is not None else ")"
     a.out.write_text(json.dumps(_jsonable({
-        "estimator": "tangentlens.attribute (TRAK's estimator on the exact margin kernel" + projected,
-        "labels": a.labels, "test_indices": idx.tolist(), "k": top.proponents.shape[1],
-        "scores_file": scores.name, **top.to_dict()}), indent=2) + "\n", encoding="utf-8")
+        "estimator": estimator, "labels": a.labels, "test_indices": idx.tolist(),
+        "k": top.proponents.shape[1], "scores_file": scores.name, **top.to_dict()}), indent=2) + "\n",
+        encoding="utf-8")
     print(f"attribute: {len(idx)} test points x {S.shape[1]} training points -> {a.out} (scores: {scores})",
           file=log, flush=True)
     return a.out
