@@ -284,13 +284,19 @@ def test_huge_projection_dim_fails_before_allocating(mlp: nn.Module, monkeypatch
     if memory.available_bytes("cpu") is not None:  # the real machine: ~440 GB of tiles and rows
         fix = "smaller projection dim.*kind='sjlt' or 'kronecker'"
         with pytest.raises(MemoryBudgetError, match=fix) as e:
-            tl.kernel(mlp, X, projection=Projection(10**9))
+            tl.kernel(mlp, X, projection=Projection(10**9, kind="rademacher"))
         assert isinstance(e.value, InputError) and isinstance(e.value, MemoryError)
         assert "nothing was allocated" in str(e.value)
+        # the default kind ("khatri_rao"): its (rows, probes, K) features alone are ~72 GB
+        fix = r"kind='khatri_rao'\) of 2 layers.*smaller projection dim"
+        with pytest.raises(MemoryBudgetError, match=fix):
+            tl.kernel(mlp, X, projection=Projection(10**9))
     # deterministic: 100 MiB free; a 2^20-dim dense projection needs ~0.5 GiB of tiles and rows
     monkeypatch.setattr(memory, "available_bytes", lambda device: 100 * 2**20)
     with pytest.raises(MemoryBudgetError, match=r"Projection\(dim=1,048,576, kind='rademacher'\)"):
-        tl.features(mlp, X, projection=Projection(2**20))
+        tl.features(mlp, X, projection=Projection(2**20, kind="rademacher"))
+    with pytest.raises(MemoryBudgetError, match=r"Projection\(dim=8,388,608, kind='khatri_rao'\)"):
+        tl.features(mlp, X, projection=Projection(2**23))  # 6 x 3 x 2^23 floats of features: 0.6 GB
     with pytest.raises(MemoryBudgetError, match="smaller projection dim") as e:
         tl.kernel(mlp, X, projection=Projection(2**23, kind="sjlt"))
     assert "kind='sjlt'" not in str(e.value).split("would need")[1]  # no advice to use what it uses

@@ -11,7 +11,7 @@ from torch import nn
 
 import tangentlens as tl
 from tangentlens.errors import InputError
-from tangentlens.projection import Projection
+from tangentlens.projection import LayerFactors, Projection
 
 from .models import ARCHS, data, quiet
 from .oracles import jacobians
@@ -222,3 +222,115 @@ def test_materialized_gradients_are_projected_in_steps_of_rows() -> None:
     f = tl.features(m, x, kind="pntk", projection=proj, batch_size=20)
     g = tl.features(m, x, kind="pntk", projection=proj, batch_size=3)
     torch.testing.assert_close(f, g, rtol=1e-4, atol=1e-4 * float(f.abs().max()))  # sums of 2.1M floats
+
+
+def _khatri_rao_matrix(pr: Projection, key: str, d_in: int, d_out: int, weight: bool, bias: bool):
+    """The explicit (K, P_layer) rows alpha_k (x) beta_k / sqrt(K) of a layer (weight row-major, bias)."""
+    A, B = pr.khatri_rao_factors(key, d_in, d_out)
+    cols = []
+    if weight:
+        cols.append(torch.einsum("ko,ki->koi", A, B[:, :d_in]).reshape(pr.dim, -1))
+    if bias:
+        cols.append(A * B[:, d_in : d_in + 1])
+    return torch.cat(cols, 1) / pr.dim**0.5
+
+
+def test_project_layers_fused_equals_the_explicit_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    # several layers fused chunk by chunk (one position; weight + bias, weight only, bias only of a layer
+    # with positions) and one layer with positions: phi = R g with the explicit R, in float64
+    import tangentlens.projection.base as base
+
+    n, m, k = 13, 3, 40
+    shapes = [(1, 9, 7, True, True), (1, 6, 5, True, False), (4, 3, 6, False, True), (5, 4, 3, True, True)]
+    layers, grads, mats = [], [], []
+    pr = Projection(k, "khatri_rao", seed=6)
+    off = 0
+    for i, (t, d_in, d_out, w, b) in enumerate(shapes):
+        a, delta, g_w, g_b = _layer(n, m, t, d_in, d_out, seed=i)
+        w_off = off if w else None
+        b_off = off + (d_out * d_in if w else 0) if b else None
+        off += (d_out * d_in if w else 0) + (d_out if b else 0)
+        layers.append(LayerFactors(a if t > 1 else a[:, 0], delta, f"l{i}", w_off, b_off))
+        grads.append(torch.cat([g for g, keep in ((g_w, w), (g_b, b)) if keep], 2))
+        mats.append(_khatri_rao_matrix(pr, f"l{i}", d_in, d_out, w, b))
+    want = torch.cat(grads, 2) @ torch.cat(mats, 1).T  # (n, m, K)
+    got = pr.project_layers(layers, total_dim=off)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    seq = None
+    for lay in layers:
+        seq = pr.project_layer(lay.a, lay.delta, lay.key, weight_offset=lay.weight_offset,
+                               bias_offset=lay.bias_offset, total_dim=off, out=seq)
+    torch.testing.assert_close(got, seq, rtol=1e-12, atol=1e-12)
+    acc = torch.ones_like(got)
+    assert pr.project_layers(layers, total_dim=off, out=acc) is acc
+    torch.testing.assert_close(acc, got + 1)
+    for kind in ("khatri_rao", "rademacher"):  # add=False writes over out (no zero fill needed)
+        other = Projection(k, kind, seed=6)
+        dest = torch.full_like(got, float("nan"))
+        assert other.project_layers(layers, total_dim=off, out=dest, add=False) is dest
+        assert torch.equal(dest, other.project_layers(layers, total_dim=off)), kind
+    # the chunks of rows are a speed knob: 1 row per chunk, and other calls' rows, give the same bits
+    monkeypatch.setattr(base, "CACHE_ELEMS", 1)
+    assert torch.equal(pr.project_layers(layers, total_dim=off), got)
+    monkeypatch.setattr(base, "CACHE_ELEMS", 3 * 64 * 5)  # 5 rows per chunk
+    for bs in (2, 6):
+        parts = [pr.project_layers([LayerFactors(lay.a[i : i + bs], lay.delta[i : i + bs], *lay[2:])
+                                    for lay in layers], total_dim=off) for i in range(0, n, bs)]
+        torch.testing.assert_close(torch.cat(parts), got, rtol=0, atol=0)
+    # float32: chunks and batches give bit-identical rows too
+    layers32 = [lay._replace(a=lay.a.float(), delta=lay.delta.float()) for lay in layers]
+    full = pr.project_layers(layers32, total_dim=off)
+    for elems, bs in ((1, 1), (3 * 64 * 5, 4), (base.STEP_ELEMS, 13)):
+        monkeypatch.setattr(base, "CACHE_ELEMS", elems)
+        parts = [pr.project_layers([LayerFactors(lay.a[i : i + bs], lay.delta[i : i + bs], *lay[2:])
+                                    for lay in layers32], total_dim=off) for i in range(0, n, bs)]
+        assert torch.equal(torch.cat(parts), full), (elems, bs)
+
+
+def test_project_layers_of_dense_kinds_and_errors() -> None:
+    a1, d1, g1, b1 = _layer(6, 4, 1, 11, 7, seed=1)
+    a2, d2, g2, _ = _layer(6, 4, 1, 7, 5, seed=2)
+    for kind in ("rademacher", "gaussian"):
+        pr = Projection(40, kind, seed=3)
+        R = pr.matrix(125)
+        got = pr.project_layers([LayerFactors(a1[:, 0], d1, "x", 0, 77), LayerFactors(a2, d2, "y", 84)],
+                                total_dim=125)
+        want = g1 @ R[:, :77].T + b1 @ R[:, 77:84].T + g2 @ R[:, 84:119].T
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    pr = Projection(40, "khatri_rao", seed=3)
+    with pytest.raises(InputError, match="at least one layer"):
+        pr.project_layers([], total_dim=10)
+    with pytest.raises(InputError, match="same rows and probes"):
+        pr.project_layers([LayerFactors(a1, d1, "x", 0), LayerFactors(a2[:5], d2[:5], "y", 77)],
+                          total_dim=200)
+    with pytest.raises(InputError, match="same rows and probes"):
+        pr.project_layers([LayerFactors(a1, d1, "x", 0), LayerFactors(a2, d2[:, :2], "y", 77)],
+                          total_dim=200)
+    with pytest.raises(InputError, match="out must be"):
+        pr.project_layers([LayerFactors(a1, d1, "x", 0)], total_dim=200, out=torch.zeros(6, 4, 41))
+    with pytest.raises(InputError, match="kind='sjlt'"):
+        Projection(40, "sjlt").project_layers([LayerFactors(a1, d1, "x", 0)], total_dim=200)
+
+
+def test_featurizer_writes_blocks_in_place_into_one_result() -> None:
+    # Featurizer.features writes every block after the first into its rows of the result: the same bits as
+    # the blocks (projected kinds, the exact features, normalized or not), and transform(out=) checks out
+    m = model_of("cnn")
+    x = data("cnn", 11)
+    for kind, proj in (("trntk", Projection(24, seed=2)), ("trntk", Projection(24, "sjlt", seed=2)),
+                       ("pntk", Projection(24, "rademacher", seed=2)), ("entk", Projection(24, seed=2)),
+                       ("trntk", Projection(24, "kronecker", seed=2)), ("trntk", None)):
+        for norm in (False, True):
+            cfg = tl.KernelConfig(kind=kind, projection=proj, normalize=norm, batch_size=4)
+            with quiet(tl.Featurizer, m, cfg) as f:
+                blocks = torch.cat([rows for _, rows in f.blocks(x)])
+            with quiet(tl.Featurizer, m, cfg) as f:
+                whole = f.features(x)
+            assert torch.equal(whole, blocks), (kind, proj, norm)
+    cfg = tl.KernelConfig(kind="trntk", projection=Projection(24, seed=2), batch_size=4)
+    with quiet(tl.Featurizer, m, cfg) as f:
+        blk = next(iter(tl.inputs.Source(x, 4, None, "inputs").blocks()))
+        with pytest.raises(InputError, match="out must be"):
+            f.transform(blk, out=torch.empty(4, 71))
+        dest = torch.full((4, 72), float("nan"))
+        assert f.transform(blk, out=dest) is dest and torch.isfinite(dest).all()

@@ -295,9 +295,11 @@ def test_uses_factors_and_kronecker_only_calls() -> None:
     for kind in ("kronecker", "khatri_rao", "rademacher", "gaussian"):  # may take Linear/Conv factors
         assert Projection(8, kind).uses_factors
     assert Projection(8, "khatri_rao").takes_factors(784, 100, 50, 1)  # its definition
-    assert Projection(8).takes_factors(784, 100, 1, 10)  # dense: T = 1 and several probes
-    assert not Projection(8).takes_factors(784, 100, 1, 1)  # one probe: no saving
-    assert not Projection(8).takes_factors(25, 16, 576, 10)  # many positions: materialize
+    assert Projection(8).kind == "khatri_rao"  # the default: the fastest kind at any N
+    dense = Projection(8, "rademacher")
+    assert dense.takes_factors(784, 100, 1, 10)  # dense: T = 1 and several probes
+    assert not dense.takes_factors(784, 100, 1, 1)  # one probe: no saving
+    assert not dense.takes_factors(25, 16, 576, 10)  # many positions: materialize
     a, d = torch.randn(2, 4), torch.randn(2, 1, 3)
     for kind in ("sjlt", "srht", "kronecker"):
         assert not Projection(8, kind).takes_factors(4, 3, 1, 10)

@@ -5,11 +5,13 @@
 counter-based hashing of :mod:`.hashing`. :mod:`.fidelity` compares projected kernels with exact ones.
 """
 
+from .base import LayerFactors
 from .core import FLAT_KINDS, KINDS, SCALES, Projection
 from .fidelity import FidelityReport, cosine_gram, fidelity, fidelity_curve, loglog_slope, plot_fidelity
 
 __all__ = [
     "Projection",
+    "LayerFactors",
     "KINDS",
     "FLAT_KINDS",
     "SCALES",

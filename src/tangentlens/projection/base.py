@@ -12,7 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,11 +22,32 @@ from ..memory import check_memory
 from .hashing import GEN_VERSION, check_int, seed_words
 
 __all__ = [
-    "Spec", "TileCache", "Backend", "FlatBackend", "matmul_rows", "addmm_rows_", "row_step", "layer_shapes",
+    "Spec", "TileCache", "Backend", "FlatBackend", "LayerFactors", "matmul_rows", "addmm_rows_", "row_step",
+    "cache_rows", "layer_shapes",
 ]
 
 MIN_GEMM_ROWS = 16  # BLAS uses other kernels (other summation orders) below this many rows
 STEP_ELEMS = 2**24  # entries (64 MiB in float32) of the intermediates of one step of a layer projection
+CACHE_ELEMS = 2**19  # entries (2 MiB in float32) of a cache-resident chunk of per-probe products
+
+
+class LayerFactors(NamedTuple):
+    """One Linear/Conv layer's captured factors, for :meth:`Projection.project_layers
+    <tangentlens.projection.Projection.project_layers>`.
+
+    Attributes:
+        a: ``(n, T, d_in)`` input activations (or unfolded patches), or ``(n, d_in)``.
+        delta: ``(n, M, T, d_out)`` output gradients per probe, or ``(n, M, d_out)``.
+        key: The layer's identifier (its module's qualified name); seeds ``"khatri_rao"``'s factors.
+        weight_offset: First global column of the weight (``None``: the weight is not selected).
+        bias_offset: First global column of the bias (``None``: no bias, or not selected).
+    """
+
+    a: Tensor
+    delta: Tensor
+    key: str
+    weight_offset: int | None
+    bias_offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +161,13 @@ def row_step(n: int, per_row: int) -> int:
     return max(1, min(n, STEP_ELEMS // max(per_row, 1)))
 
 
+def cache_rows(n: int, per_row: int) -> int:
+    """Rows per cache-resident chunk (``per_row`` entries per row, about ``CACHE_ELEMS`` in all): products
+    of a few rows stay in the CPU caches between the layers that add to them instead of streaming through
+    memory once per layer. A speed knob only: rows never depend on the chunk (see :func:`matmul_rows`)."""
+    return max(1, min(n, CACHE_ELEMS // max(per_row, 1)))
+
+
 def layer_shapes(a: Tensor, delta: Tensor, d_in: int, d_out: int) -> tuple[Tensor, Tensor]:
     """``a`` as ``(n, T, d_in)`` and ``delta`` as ``(n, M, T, d_out)`` (2-D / 3-D inputs get ``T = 1``).
 
@@ -232,6 +260,18 @@ class Backend(ABC):
         a layer's gradients ``sum_t delta_t a_t^T`` (weight, at ``weight_offset``) and ``sum_t delta_t``
         (bias, at ``bias_offset``) from the validated factors; return it."""
         raise InputError(f"projection kind {self.spec.kind!r} does not project layers from their factors.")
+
+    def project_factor_layers(
+        self, layers: list[LayerFactors], total: int, out: Tensor | None, add: bool = True
+    ) -> Tensor:
+        """:meth:`project_factors` of several validated layers (same rows and probes) summed into ``out``
+        (added to it; written over it when ``add`` is False), layer by layer here; a kind may fuse them."""
+        if out is not None and not add:
+            out.zero_()
+        for lay in layers:
+            out = self.project_factors(*lay, total, out)
+        assert out is not None
+        return out
 
 
 class FlatBackend(Backend):

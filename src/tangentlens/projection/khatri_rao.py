@@ -26,6 +26,15 @@ MLP, 1.6 times on a small CNN.
 Cost per example (multiply-adds): ``K T (d_in + M d_out)`` from the factors, or ``M d_out d_in (T + K)``
 through the materialized gradient (chosen per layer, whichever is fewer; the same matrix). A dense kind
 costs ``M d_out d_in K`` (``d_out d_in (T + M) K`` from the factors).
+
+Where the time goes: the GEMMs above, plus passes over ``(rows, M, K)`` intermediates as large as the
+features. These are made a few rows at a time (``base.cache_rows``: about 2**19 entries), so they stay in
+the CPU caches: the one-position layers of a block are summed chunk by chunk of rows, every layer adding to
+the chunk before the next chunk (:meth:`KhatriRaoBackend.project_factor_layers`); a layer with positions
+computes ``B a_t`` for a step of rows in one GEMM and the per-probe products row by row; through the gradient,
+the bias is one more input column of the same GEMM. Measured (one thread, ``K = 2,048``, 10 probes, against
+the same computation a whole block at a time): the method's MLP 1.2 to 1.3 times faster, a small CNN's
+layers with positions about 2 times.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..memory import check_memory
-from .base import FactoredBackend, matmul_rows, row_step
+from .base import FactoredBackend, LayerFactors, cache_rows, matmul_rows, row_step
 from .hashing import GEN_VERSION, column_keys, rademacher_rows, seed_words
 
 __all__ = ["KhatriRaoBackend"]
@@ -89,82 +98,143 @@ class KhatriRaoBackend(FactoredBackend):
     ) -> Tensor:
         """``out += sum_t (A delta_t) * (B a_t) / sqrt(K)`` for the weight (``weight_offset`` not None) and /
         or the bias (``bias_offset`` not None); the offsets only say which parts are selected."""
-        n, big_t, d_in = a.shape
-        m, d_out = delta.shape[1], delta.shape[3]
-        dev, dt = a.device, a.dtype
-        kp = self.kpad
-        weight, bias = weight_offset is not None, bias_offset is not None
-        if not weight:  # the bias alone: (A sum_t delta_t) * beta_bias
-            delta = delta.sum(2, keepdim=True)
-            a = a[:, :1]
-            big_t = 1
-        at, bt = self.factors(key, d_in, d_out, dev, dt)
-        grad = weight and big_t > 1 and self.through_gradient(d_in, d_out, big_t, m, self.dim)
-        if grad:
-            per_row = m * d_out * (d_in + 2 * kp)
-        elif big_t == 1:
-            per_row = (m + 1) * kp
-        else:
-            per_row = big_t * kp + m * (min(d_out, big_t) + (big_t if d_out > big_t else 0)) * kp
-        rows = row_step(n, per_row)
-        check_memory(
-            (n * m * kp * (1 if out is None else 0) + rows * per_row + (d_in + 1 + d_out) * kp) * dt.itemsize,
-            dev, f"{self.label} of a {d_out} x {d_in} layer on {n:,} rows",
-            "use a smaller projection dim, or fewer rows per call (a smaller batch_size)",
-        )
-        fresh = out is None  # written, not added to: no zero fill
-        if out is None:
-            out = a.new_empty((n, m, self.dim))
-        scale = self.reference_factor(total) / math.sqrt(self.dim)
-        k = self.dim
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            self._add_rows(out[r0:r1], a[r0:r1], delta[r0:r1], at, bt, weight, bias, grad, scale, k, fresh)
+        lay = LayerFactors(a, delta, key, weight_offset, bias_offset)
+        return self.project_factor_layers([lay], total, out)
+
+    def project_factor_layers(
+        self, layers: list[LayerFactors], total: int, out: Tensor | None, add: bool = True
+    ) -> Tensor:
+        """Several layers summed into ``out``: each weight with positions (``T > 1``) on its own
+        (:meth:`_positions_layer`), then every one-position layer and every bias-only part together
+        (:meth:`_one_position_layers`). Rows are computed a few at a time so that their intermediates stay
+        in the CPU caches; a row never depends on the others."""
+        fresh = out is None or not add  # the first part written, not added (no zero fill)
+        single: list[LayerFactors] = []
+        for lay in layers:
+            if lay.a.shape[1] > 1 and lay.weight_offset is not None:
+                out, fresh = self._positions_layer(lay, total, out, fresh), False
+            else:
+                single.append(lay)
+        if single:
+            out = self._one_position_layers(single, total, out, fresh)
+        assert out is not None
         return out
 
     def _buf(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         return self.cache.buffer(("kr", name, like.device, like.dtype), shape, like.device, like.dtype)
 
-    def _add_rows(
-        self, out: Tensor, a: Tensor, delta: Tensor, at: Tensor, bt: Tensor, weight: bool, bias: bool,
-        grad: bool, scale: float, k: int, fresh: bool,
-    ) -> None:
-        """``out += scale * features`` of a few rows (``out = ...`` when ``fresh``; one step of
-        :meth:`project_factors`). Intermediates go to reused buffers."""
+    def _check(self, need_entries: int, dev: torch.device, dt: torch.dtype, what: str) -> None:
+        check_memory(need_entries * dt.itemsize, dev, f"{self.label} of {what}",
+                     "use a smaller projection dim, or fewer rows per call (a smaller batch_size)")
+
+    def _one_position_layers(
+        self, layers: list[LayerFactors], total: int, out: Tensor | None, fresh: bool
+    ) -> Tensor:
+        """One-position layers (and bias-only parts: ``delta`` summed over positions) fused: per step of
+        rows, ``u_l = (B_l [a_l; 1]) / sqrt(K)`` of each layer (one GEMM per layer, ``(rows, Kpad)``); then
+        chunk by chunk of a few rows (``cache_rows``), for each layer in turn, ``v = delta_l A_l^T``
+        (``(chunk M, Kpad)``) and ``out_chunk += v * u_l``: the chunk's features and ``v`` stay in the CPU
+        caches across the layers instead of streaming through memory once per layer."""
+        a0, m = layers[0].a, layers[0].delta.shape[1]
+        n, dev, dt, kp, k = a0.shape[0], a0.device, a0.dtype, self.kpad, self.dim
+        rows = row_step(n, len(layers) * kp)  # the u_l of a step
+        chunk = cache_rows(rows, m * kp)
+        factors = sum(lay.a.shape[2] + 1 + lay.delta.shape[3] for lay in layers) * kp
+        self._check((n * m * k if out is None else 0) + rows * len(layers) * kp + chunk * m * kp + factors,
+                    dev, dt, f"{len(layers)} layers on {n:,} rows")
+        if out is None:
+            out = a0.new_empty((n, m, k))
+        scale = self.reference_factor(total) / math.sqrt(k)
+        parts = []
+        for lay in layers:
+            d_in, d_out = lay.a.shape[2], lay.delta.shape[3]
+            at, bt = self.factors(lay.key, d_in, d_out, dev, dt)
+            delta = lay.delta.sum(2) if lay.delta.shape[2] > 1 else lay.delta[:, :, 0]  # (n, M, d_out)
+            parts.append((lay, at, bt, delta))
+        vbuf = self._buf("v", (chunk * m, kp), a0)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            us = []
+            for i, (lay, _, bt, _) in enumerate(parts):
+                d_in = lay.a.shape[2]
+                if lay.weight_offset is None:  # the bias alone: (A sum_t delta_t) * beta_bias
+                    us.append((bt[d_in] * scale).expand(r1 - r0, kp))
+                    continue
+                u = matmul_rows(lay.a[r0:r1, 0], bt[:d_in], out=self._buf(f"u{i}", (r1 - r0, kp), a0))
+                if lay.bias_offset is not None:
+                    u += bt[d_in]
+                us.append(u.mul_(scale))
+            for c0 in range(r0, r1, chunk):
+                c1 = min(r1, c0 + chunk)
+                o = out[c0:c1]
+                for i, (_, at, _, delta) in enumerate(parts):
+                    d = delta[c0:c1].reshape((c1 - c0) * m, -1)
+                    v = matmul_rows(d, at, out=vbuf[: (c1 - c0) * m]).view(c1 - c0, m, kp)[..., :k]
+                    u = us[i][c0 - r0 : c1 - r0, None, :k]
+                    if fresh and i == 0:
+                        torch.mul(v, u, out=o)
+                    else:
+                        o.addcmul_(v, u)
+        return out
+
+    def _positions_layer(self, lay: LayerFactors, total: int, out: Tensor | None, fresh: bool) -> Tensor:
+        """``out += sum_t (A delta_t) * (B [a_t; 1]) / sqrt(K)`` of a weight with ``T > 1`` positions, by
+        the cheaper route: through the gradient ``[G | g_b] = sum_t delta_t [a_t; 1]^T`` (``M d_out (d_in
+        + 1)`` per example), ``phi_k = alpha_k^T [G | g_b] beta_k``; or from the factors, ``u_t = B [a_t;
+        1]`` for a step of rows (one GEMM), then per row ``sum_t (A delta_t) * u_t``."""
+        a, delta = lay.a, lay.delta
         n, big_t, d_in = a.shape
         m, d_out = delta.shape[1], delta.shape[3]
-        kp = at.shape[1]
-        if grad:  # G = sum_t delta_t a_t^T, then phi_k = alpha_k^T G beta_k
-            g = torch.einsum("bmto,bti->bmoi", delta, a)
-            w = torch.matmul(g, bt[:d_in], out=self._buf("w", (n, m, d_out, kp), a))
-            if bias:
-                w += delta.sum(2)[..., None] * bt[d_in]
-            f = w.mul_(at).sum(2)[..., :k]
-            if fresh:
-                torch.mul(f, scale, out=out)
-            else:
-                out.add_(f, alpha=scale)
-            return
-        if weight:
-            u = matmul_rows(a.reshape(n * big_t, d_in), bt[:d_in], out=self._buf("u", (n * big_t, kp), a))
+        dev, dt, kp, k = a.device, a.dtype, self.kpad, self.dim
+        bias = lay.bias_offset is not None
+        at, bt = self.factors(lay.key, d_in, d_out, dev, dt)
+        grad = self.through_gradient(d_in, d_out, big_t, m, self.dim)
+        if grad:
+            rows = chunk = cache_rows(n, m * d_out * (d_in + 1 + kp))
+            per_row = m * d_out * kp
+        else:  # u of a step of rows (about 2 CACHE_ELEMS entries: a GEMM on enough rows), then a few rows
+            rows = cache_rows(n, big_t * kp // 2)
+            per_row = m * (min(d_out, big_t) + (big_t if d_out > big_t else 0)) * kp
+            chunk = cache_rows(rows, per_row)
+        self._check((n * m * k if out is None else 0) + rows * big_t * kp + chunk * per_row
+                    + (d_in + 1 + d_out) * kp, dev, dt, f"a {d_out} x {d_in} layer on {n:,} rows")
+        if out is None:
+            out = a.new_empty((n, m, k))
+        scale = self.reference_factor(total) / math.sqrt(k)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            if grad:
+                f = self._through_gradient(a[r0:r1], delta[r0:r1], at, bt, bias)[..., :k]
+                self._write(out[r0:r1], f, scale, fresh)
+                continue
+            u = self._buf("u", ((r1 - r0) * big_t, kp), a)
+            u = matmul_rows(a[r0:r1].reshape(-1, d_in), bt[:d_in], out=u)
             if bias:
                 u += bt[d_in]
-        else:
-            u = bt[d_in].expand(n * big_t, kp)
-        if big_t == 1:
-            v = matmul_rows(delta.reshape(n * m, d_out), at, out=self._buf("v", (n * m, kp), a))
-            v = v.view(n, m, kp)
-            us = (u * scale).reshape(n, 1, kp)[..., :k]
-            if fresh:
-                torch.mul(v[..., :k], us, out=out)
-            else:
-                out.addcmul_(v[..., :k], us)
-            return
-        f = self._positions(delta, u.reshape(n, 1, big_t, kp), at)[..., :k]
+            u = u.view(r1 - r0, 1, big_t, kp)
+            for c0 in range(r0, r1, chunk):
+                c1 = min(r1, c0 + chunk)
+                f = self._positions(delta[c0:c1], u[c0 - r0 : c1 - r0], at)[..., :k]
+                self._write(out[c0:c1], f, scale, fresh)
+        return out
+
+    @staticmethod
+    def _write(out: Tensor, f: Tensor, scale: float, fresh: bool) -> None:
         if fresh:
             torch.mul(f, scale, out=out)
         else:
             out.add_(f, alpha=scale)
+
+    def _through_gradient(self, a: Tensor, delta: Tensor, at: Tensor, bt: Tensor, bias: bool) -> Tensor:
+        """``alpha_k^T [G | g_b] beta_k`` of a few rows, ``(n, M, Kpad)`` (a reused buffer)."""
+        n, m, d_out = a.shape[0], delta.shape[1], delta.shape[3]
+        g = torch.einsum("bmto,bti->bmoi", delta, a)
+        if bias:
+            g = torch.cat([g, delta.sum(2)[..., None]], 3)
+        cols = g.shape[3]
+        w = self._buf("w", (n * m * d_out, at.shape[1]), a)
+        w = matmul_rows(g.reshape(n * m * d_out, cols), bt[:cols], out=w)
+        return w.view(n, m, d_out, -1).mul_(at).sum(2)
 
     def _positions(self, delta: Tensor, u: Tensor, at: Tensor) -> Tensor:
         """``sum_t (A delta_t) * u_t``, ``(n, M, Kpad)``, for ``T > 1`` positions."""
