@@ -285,6 +285,8 @@ def test_project_layers_fused_equals_the_explicit_matrix(monkeypatch: pytest.Mon
         parts = [pr.project_layers([LayerFactors(lay.a[i : i + bs], lay.delta[i : i + bs], *lay[2:])
                                     for lay in layers32], total_dim=off) for i in range(0, n, bs)]
         assert torch.equal(torch.cat(parts), full), (elems, bs)
+    monkeypatch.setattr(base, "PANEL_COLS", 16)  # K in panels of 16, 16 and 8 columns
+    torch.testing.assert_close(pr.project_layers(layers, total_dim=off), got, rtol=1e-12, atol=1e-12)
 
 
 def test_project_layers_of_dense_kinds_and_errors() -> None:

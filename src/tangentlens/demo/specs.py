@@ -147,7 +147,8 @@ class SurrogateSpec:
 
 
 def _projection_factory(dim: int) -> Callable[[int], Projection]:
-    """A factory ``seed -> tangentlens.projection.Projection(dim, seed=seed)`` (dense Rademacher)."""
+    """A factory ``seed -> tangentlens.projection.Projection(dim, seed=seed)`` (the default kind,
+    ``"khatri_rao"``)."""
 
     def make(seed: int) -> Projection:
         return Projection(dim, seed=seed)

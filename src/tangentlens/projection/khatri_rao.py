@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..memory import check_memory
-from .base import FactoredBackend, LayerFactors, cache_rows, matmul_rows, row_step
+from .base import FactoredBackend, LayerFactors, cache_rows, column_panels, matmul_rows, row_step
 from .hashing import GEN_VERSION, column_keys, rademacher_rows, seed_words
 
 __all__ = ["KhatriRaoBackend"]
@@ -137,10 +137,12 @@ class KhatriRaoBackend(FactoredBackend):
         caches across the layers instead of streaming through memory once per layer."""
         a0, m = layers[0].a, layers[0].delta.shape[1]
         n, dev, dt, kp, k = a0.shape[0], a0.device, a0.dtype, self.kpad, self.dim
+        panels = column_panels(k)  # GEMMs of at most 2048 output columns
+        width = panels[0][1]
         rows = row_step(n, len(layers) * kp)  # the u_l of a step
-        chunk = cache_rows(rows, m * kp)
+        chunk = cache_rows(rows, m * width)
         factors = sum(lay.a.shape[2] + 1 + lay.delta.shape[3] for lay in layers) * kp
-        self._check((n * m * k if out is None else 0) + rows * len(layers) * kp + chunk * m * kp + factors,
+        self._check((n * m * k if out is None else 0) + rows * len(layers) * kp + chunk * m * width + factors,
                     dev, dt, f"{len(layers)} layers on {n:,} rows")
         if out is None:
             out = a0.new_empty((n, m, k))
@@ -151,7 +153,7 @@ class KhatriRaoBackend(FactoredBackend):
             at, bt = self.factors(lay.key, d_in, d_out, dev, dt)
             delta = lay.delta.sum(2) if lay.delta.shape[2] > 1 else lay.delta[:, :, 0]  # (n, M, d_out)
             parts.append((lay, at, bt, delta))
-        vbuf = self._buf("v", (chunk * m, kp), a0)
+        vbuf = self._buf("v", (chunk * m * width,), a0)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             us = []
@@ -166,15 +168,17 @@ class KhatriRaoBackend(FactoredBackend):
                 us.append(u.mul_(scale))
             for c0 in range(r0, r1, chunk):
                 c1 = min(r1, c0 + chunk)
-                o = out[c0:c1]
-                for i, (_, at, _, delta) in enumerate(parts):
-                    d = delta[c0:c1].reshape((c1 - c0) * m, -1)
-                    v = matmul_rows(d, at, out=vbuf[: (c1 - c0) * m]).view(c1 - c0, m, kp)[..., :k]
-                    u = us[i][c0 - r0 : c1 - r0, None, :k]
-                    if fresh and i == 0:
-                        torch.mul(v, u, out=o)
-                    else:
-                        o.addcmul_(v, u)
+                for j0, j1 in panels:
+                    o = out[c0:c1, :, j0:j1]
+                    v = vbuf[: (c1 - c0) * m * (j1 - j0)].view((c1 - c0) * m, j1 - j0)
+                    for i, (_, at, _, delta) in enumerate(parts):
+                        d = delta[c0:c1].reshape((c1 - c0) * m, -1)
+                        vv = matmul_rows(d, at[:, j0:j1], out=v).view(c1 - c0, m, j1 - j0)
+                        u = us[i][c0 - r0 : c1 - r0, None, j0:j1]
+                        if fresh and i == 0:
+                            torch.mul(vv, u, out=o)
+                        else:
+                            o.addcmul_(vv, u)
         return out
 
     def _positions_layer(self, lay: LayerFactors, total: int, out: Tensor | None, fresh: bool) -> Tensor:
