@@ -478,8 +478,8 @@ def attribute_command(cfg: RunConfig, *, progress: bool = True, stdout: TextIO |
             cb(1, 1)
         estimator = "tangentlens.attribute (TRAK's estimator on the exact margin kernel)"
     else:
-        from ..attribution_core import attribution_q
         from ..api import features
+        from ..attribution_core import attribution_q
         from ..store import featurize
         from ..store.attribute import attribute_from_store
 
