@@ -124,8 +124,8 @@ class _Stop(Exception):
 
 
 def test_a_partial_distributed_run_resumes_to_the_same_store(cluster, tmp_path):
-    x = data("mlp", 64)
-    ref = featurize(mlp(), x, tmp_path / "ref", chunk_rows=8, **PROJ)
+    x, model = data("mlp", 64), mlp()  # built before any task runs (mlp() seeds torch's global RNG)
+    ref = featurize(model, x, tmp_path / "ref", chunk_rows=8, **PROJ)
 
     def stop_after_three(done: int, total: int) -> None:
         if done >= 3:
@@ -148,7 +148,7 @@ def test_a_partial_distributed_run_resumes_to_the_same_store(cluster, tmp_path):
     with pytest.raises(_Stop):
         featurize(ModelRecipe(mlp), x, tmp_path / "e", chunk_rows=8, scheduler=cluster,
                   progress=stop_after_three, **PROJ)
-    _same_store(ref, featurize(mlp(), x, tmp_path / "e", **PROJ))
+    _same_store(ref, featurize(model, x, tmp_path / "e", **PROJ))
 
 
 def test_workers_refuse_a_model_with_other_weights(cluster, tmp_path):

@@ -41,9 +41,10 @@ import pickle
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import KernelConfig
@@ -217,7 +218,7 @@ def featurize_on_cluster(
     src = client.scatter([source if isinstance(source, ModelRecipe) else _Pickled(source)], hash=False)[0]
 
     def submit(k: int, chunk: Block, size: int | None) -> Any:
-        data = client.scatter([chunk], hash=False)[0]
+        data = client.scatter([_owned(chunk)], hash=False)[0]
         return client.submit(_featurize_task, job, src, k, data, size, key=f"tl-featurize-{job['run']}-{k}",
                              pure=False)
 
@@ -245,6 +246,19 @@ def featurize_on_cluster(
         with contextlib.suppress(Exception):  # best effort: the workers drop this run's featurizers
             client.run(_forget, job["run"])
     return FeatureStore.open(path, writable=True)
+
+
+def _owned(chunk: Block) -> Block:
+    """``chunk`` with tensors that own their memory: a tensor view pickles its whole storage, so a chunk
+    sliced from the data set would send all of it (O(N) bytes per chunk, O(N²) per run)."""
+
+    def own(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes() > v.numel() * v.element_size():
+            return v.clone(memory_format=torch.contiguous_format)
+        return v
+
+    x = {k: own(v) for k, v in chunk.x.items()} if isinstance(chunk.x, Mapping) else own(chunk.x)
+    return Block(chunk.start, x, own(chunk.y))
 
 
 _CACHE: dict[int, tuple[tuple[str, ...], Featurizer]] = {}  # worker thread -> (run key, its featurizer)

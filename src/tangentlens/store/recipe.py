@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from ..errors import InputError
 __all__ = ["ModelRecipe"]
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model")
+_BUILD_LOCK = threading.Lock()  # one factory call at a time per process (worker threads build concurrently)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ class ModelRecipe:
     def build(self) -> nn.Module:
         """Call the factory and load the checkpoint's weights (strictly).
 
+        Factory calls are serialized within a process: worker threads that build at once would otherwise
+        interleave a factory's ``torch.manual_seed`` and initialization and get different weights.
+
         Returns:
             The model, in the mode the factory left it.
 
@@ -81,7 +86,8 @@ class ModelRecipe:
             InputError: the factory does not return an ``nn.Module``; the checkpoint is missing, holds
                 pickled objects, or does not fit the model (the message says what to change).
         """
-        model = self.factory()
+        with _BUILD_LOCK:  # a factory that seeds torch's global RNG must not interleave with another's
+            model = self.factory()
         if not isinstance(model, nn.Module):
             raise InputError(f"ModelRecipe's factory {self.factory!r} returned a {type(model).__name__}, "
                              "not a torch.nn.Module; return the network.")
