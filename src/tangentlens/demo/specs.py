@@ -167,9 +167,9 @@ KERNELS: tuple[KernelSpec, ...] = (
     KernelSpec("Em", "em", description="embedding kernel: cosine of the concatenated layer outputs"),
     KernelSpec("CK", "ck", description="conjugate kernel: cosine of the penultimate features"),
     KernelSpec("proj-trNTK", "trntk", projection=_projection_factory(512),
-               description="trNTK of gradients projected to K = 512 (dense Rademacher, seeded)"),
+               description="trNTK of gradients projected to K = 512 (Khatri-Rao, seeded)"),
     KernelSpec("proj-pNTK", "pntk", normalize=True, projection=_projection_factory(512),
-               description="pNTK of gradients projected to K = 512 (dense Rademacher, seeded)"),
+               description="pNTK of gradients projected to K = 512 (Khatri-Rao, seeded)"),
 )
 
 #: The surrogates of the demo.
