@@ -9,7 +9,6 @@ held whole.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any, TypedDict, Unpack
 
@@ -23,7 +22,6 @@ from .errors import InputError
 from .features import Featurizer, feature_gram, feature_kernel, feature_sqnorms
 from .inputs import Source
 from .kinds import KINDS, check_options
-from .memory import check_memory
 from .network import ParameterSpec, resolve_device, select_parameters
 from .probes import LabelSpec, check_label_modes, labels_mode
 from .projection import Projection
@@ -367,20 +365,8 @@ def features(
     check_options(cfg.spec, labels=labels)
     lab, pred = labels_mode(labels)
     src = Source(inputs, cfg.batch_size, lab, "inputs")
-    out: Tensor | None = None
-    with Featurizer(model, cfg, predicted=pred) as f:
-        for start, b in f.blocks(src):
-            if out is None:  # one allocation of the result; blocks are copied in as they stream
-                shape = (len(src), *b.shape[1:])
-                check_memory(
-                    math.prod(shape) * b.element_size(), b.device, f"the {tuple(shape)} features result",
-                    "stream the rows with tl.iter_features(...) instead, pass fewer examples, or project the "
-                    "features to fewer dimensions (projection=Projection(K) with a smaller K)",
-                )
-                out = b.new_empty(shape)
-            out[start : start + b.shape[0]] = b
-    assert out is not None
-    return out
+    with Featurizer(model, cfg, predicted=pred) as f:  # one result, every block written in place
+        return f.features(src)
 
 
 def iter_features(
