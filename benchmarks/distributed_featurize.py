@@ -10,7 +10,8 @@ benchmarks/store_scale.py), the data N random 28x28 images. The workers rebuild 
 is printed apart. Every timed run includes the client's data fingerprint, the chunks' transfer to the
 workers, and each worker's model build, plan and first-block checks.
 
-    python benchmarks/distributed_featurize.py                 # N = 20,000 (a few minutes on 2 cores)
+    python benchmarks/distributed_featurize.py --glibc-malloc  # N = 20,000 (about 2 minutes on 2 cores)
+    python benchmarks/distributed_featurize.py                 # with Dask's MALLOC_TRIM_THRESHOLD_=65536
     python benchmarks/distributed_featurize.py --n 2000        # quick
 """
 
