@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -50,20 +49,13 @@ import tangentlens as tl
 from tangentlens.datasets.idx import load_idx_pair
 from tangentlens.store import FeatureStore, featurize
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from store_scale import _du, _peak, small_cnn  # noqa: E402  (the same CNN and measurements)
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("train", "featurize", "fit", "attribute", "cluster")
 KERNELS = {"proj-pntk": dict(kind="pntk", normalize=True), "proj-trntk": dict(kind="trntk")}
 N_EXPLAIN = 100
-
-
-def small_cnn() -> nn.Module:
-    """Two 3×3 convolutions with pooling, two dense layers (106k parameters), seeded."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
-    )
 
 
 def mnist(args: argparse.Namespace, split: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -86,14 +78,6 @@ def projection(args: argparse.Namespace, kernel: str = "proj-pntk") -> tl.Projec
     extra = {"fold": True} if args.proj_kind == "kronecker" else {}
     dim = args.trntk_dim if kernel == "proj-trntk" else args.dim
     return tl.Projection(dim, kind=args.proj_kind, seed=0, **extra)
-
-
-def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _du(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -44,13 +44,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from typing import Any
 
 import torch
-from projection import mnist_cnn, mnist_mlp  # the same models as benchmarks/projection.py
+from projection import MODELS, digits_28, train  # the models, data and training of benchmarks/projection.py
 from torch import Tensor, nn
 
 import tangentlens as tl
@@ -60,34 +59,6 @@ KIND_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-MODELS = {"mlp": mnist_mlp, "cnn": mnist_cnn}
-
-
-def digits_28(n: int, seed: int) -> tuple[Tensor, Tensor]:
-    """``n`` digits images (1, 28, 28), standardized; repeated with small noise beyond 1,797."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    x = nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
-    y = torch.tensor(d.target)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(x.shape[0], generator=gen).repeat(math.ceil(n / x.shape[0]))[:n]
-    x, y = x[idx], y[idx]
-    if n > len(d.images):
-        x = x + 0.05 * torch.randn(x.shape, generator=gen)
-    return (x - 0.2) / 0.3, y
-
-
-def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(steps):
-        i = torch.randint(0, x.shape[0], (64,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[i]), y[i]).backward()
-        opt.step()
-    model.eval()
 
 
 def gemm_gflops() -> float:
