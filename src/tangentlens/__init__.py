@@ -8,6 +8,8 @@ baselines. Faithfulness: :func:`faithfulness`, :func:`aggregate`. Explanations: 
 :func:`most_similar`. Counterfactual attribution: :func:`attribute`, :func:`top_attributions`,
 :func:`kglm_contributions`; streamed from feature stores: :func:`attribute_from_store`,
 :func:`top_attributions_from_store` (q from :func:`attribution_q` / :func:`attribution_q_from_model`).
+On disk: :func:`featurize` (:class:`FeatureStore`), :func:`kernel_from_store` (:class:`KernelStore`),
+:func:`save_surrogate` / :func:`load_surrogate` (:class:`SurrogateStore`).
 """
 
 from .api import available_kinds, compute, features, iter_features, kernel, train_test_kernels
@@ -36,7 +38,16 @@ from .features import Featurizer
 from .lds import LDSResult, SubsetRetrainer, SubsetRuns, lds, margins, subset_masks
 from .probes import output_probes
 from .projection import FidelityReport, Projection, fidelity, fidelity_curve
-from .store import FeatureStore, KernelStore, ModelRecipe, featurize, kernel_from_store
+from .store import (
+    FeatureStore,
+    KernelStore,
+    ModelRecipe,
+    SurrogateStore,
+    featurize,
+    kernel_from_store,
+    load_surrogate,
+    save_surrogate,
+)
 from .store.attribute import attribute_from_store, top_attributions_from_store
 from .surrogate import KernelRidgeSurrogate, KernelSurrogate, KernelSVMSurrogate, PrimalKernelSurrogate
 
@@ -99,5 +110,8 @@ __all__ = [
     "kernel_from_store",
     "KernelStore",
     "ModelRecipe",
+    "SurrogateStore",
+    "save_surrogate",
+    "load_surrogate",
     "__version__",
 ]

@@ -5,7 +5,8 @@ Every kernel ``NAME`` of the config has a folder ``<store>/NAME`` holding::
     train/, test/         feature stores (tangentlens.store.FeatureStore) of the two splits     (featurize)
     K_train/, K_test/     the N x N and T x N kernels, out of core (tangentlens.store.KernelStore)   (kernel)
     surrogate-labels/, surrogate-distilled/
-                          the fitted kGLM's coefficients (Zarr: class_coef, class_intercept, classes)  (fit)
+                          the fitted kGLM (tangentlens.store.SurrogateStore: class_coef, class_intercept, ...)
+                                                                                              (fit)
 
 ``fit`` fits the kGLM from the stored features without the N x N kernel
 (:class:`~tangentlens.surrogate.primal.PrimalKernelSurrogate`) when the features have at most N dimensions,
@@ -26,7 +27,6 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,7 +43,6 @@ from .config import KernelSection, RunConfig
 from .loading import UserData, build_model, load_data, network_logits
 
 __all__ = [
-    "StoredSurrogate",
     "attribute_command",
     "explain_command",
     "featurize_command",
@@ -52,7 +51,6 @@ __all__ = [
     "load_surrogate",
 ]
 
-SURROGATE_FORMAT = "tangentlens.cli.surrogate"
 _EXPLAIN_ROWS = 256  # test points per streamed block of kernel rows
 
 
@@ -201,79 +199,33 @@ def kernel_command(cfg: RunConfig, *, kernels: Sequence[str] | None = None, resu
 # ----------------------------------------------------------------------------------------------------------
 # fit
 # ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StoredSurrogate:
-    """A fitted kGLM read back from its store: what :func:`tangentlens.explain` takes.
-
-    Attributes:
-        classes_, class_coef_ (C, N), class_intercept_ (C,): the kGLM's weights.
-        normalized: the kernel is the cosine-normalized one (test rows are normalized before the product).
-        meta: the store's attributes (kernel, target, solver, alpha, the feature stores' fingerprints).
-    """
-
-    classes_: np.ndarray
-    class_coef_: np.ndarray
-    class_intercept_: np.ndarray
-    normalized: bool
-    meta: dict[str, Any]
-
-    @property
-    def n_features_in_(self) -> int:
-        return int(self.class_coef_.shape[1])
-
-    def contributions(self, K_test_train: Any) -> np.ndarray:
-        """``A[n, c, i] = class_coef_[c, i] K[n, i]`` (n, C, N)."""
-        K = np.atleast_2d(np.asarray(K_test_train, dtype=np.float64))
-        return K[:, None, :] * self.class_coef_[None, :, :]
-
-    def logits(self, K_test_train: Any) -> np.ndarray:
-        """``K W^T + b`` (n, C)."""
-        return np.asarray(K_test_train, dtype=np.float64) @ self.class_coef_.T + self.class_intercept_
-
-
 def _identity(fs: Any) -> dict[str, Any]:
     m = fs.manifest
     return {k: m.get(k) for k in ("config_fingerprint", "model_fingerprint", "data_fingerprint", "n")}
 
 
-def _save_surrogate(path: Path, sur: Any, meta: dict[str, Any]) -> None:
-    import zarr
-
-    group = zarr.open_group(str(path), mode="w")
-    for name, value in (("class_coef", sur.class_coef_), ("class_intercept", sur.class_intercept_),
-                        ("classes", np.asarray(sur.classes_))):
-        arr = np.ascontiguousarray(value)
-        group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape or None,
-                           fill_value=0)[...] = arr
-    group.attrs.update({"format": SURROGATE_FORMAT, **meta})
-
-
-def load_surrogate(cfg: RunConfig, kernel: str, target: str) -> StoredSurrogate:
-    """Read the kGLM that ``fit`` stored for ``kernel`` and ``target``.
+def load_surrogate(cfg: RunConfig, kernel: str, target: str) -> tuple[Any, dict[str, Any]]:
+    """The kGLM that ``fit`` stored for ``kernel`` and ``target`` (a
+    :class:`~tangentlens.store.SurrogateStore` under ``<store>/KERNEL/surrogate-TARGET``), and its ``meta``
+    (kernel, target, solver, alpha, ``normalized``: test rows are cosine-normalized before the product, the
+    test feature store's identity).
 
     Raises:
         InputError: nothing stored there (run ``fit`` first).
         StoreMismatchError: it was fitted on other feature stores than those in the store now.
     """
-    import zarr
+    from ..store import SurrogateStore
 
     path = cfg.kernel_dir(kernel) / f"surrogate-{target}"
     if not (path / "zarr.json").is_file():
         raise InputError(f"no fitted {target!r} surrogate of kernel {kernel!r} at {str(path)!r}; run "
                          f"`tangentlens fit {cfg.path}` first.")
-    group = zarr.open_group(str(path), mode="r")
-    meta = dict(group.attrs)
-    if meta.get("format") != SURROGATE_FORMAT:
-        raise InputError(f"{str(path)!r} is not a surrogate written by `tangentlens fit`; delete it and "
-                         "refit.")
+    saved = SurrogateStore.open(path)
     train = _open_features(cfg, kernel, "train")
-    if meta.get("train") != _identity(train):
-        raise StoreMismatchError(f"the surrogate at {str(path)!r} was fitted on other training features than "
-                                 f"those at {str(train.path)!r} now; rerun `tangentlens fit {cfg.path}`.")
-    return StoredSurrogate(np.asarray(group["classes"][...]),
-                           np.asarray(group["class_coef"][...], np.float64),
-                           np.asarray(group["class_intercept"][...], np.float64), bool(meta["normalized"]),
-                           meta)
+    try:
+        return saved.estimator(train=train), saved.meta
+    except StoreMismatchError as e:
+        raise StoreMismatchError(f"{e} (rerun `tangentlens fit {cfg.path}`)") from None
 
 
 def _targets(target: str, y_train: np.ndarray, z_train: np.ndarray) -> np.ndarray:
@@ -292,7 +244,7 @@ def fit_command(cfg: RunConfig, *, kernels: Sequence[str] | None = None, progres
     Raises:
         InputError: missing feature stores (run ``featurize`` first).
     """
-    from ..store import kernel_from_store
+    from ..store import kernel_from_store, save_surrogate
     from ..surrogate import KernelSurrogate
     from ..surrogate.primal import PrimalKernelSurrogate
 
@@ -329,9 +281,9 @@ def fit_command(cfg: RunConfig, *, kernels: Sequence[str] | None = None, progres
                 sur.fit(K[...].astype(np.float64), _targets(target, y_train, z_train))
                 scores = sur.comparison_logits(Kt[...].astype(np.float64))
             seconds = time.perf_counter() - t0
-            _save_surrogate(cfg.kernel_dir(ks.name) / f"surrogate-{target}", sur, {
-                "kernel": ks.name, "target": target, "solver": solver, "alpha": s.alpha, "normalized": norm,
-                "train": _identity(train), "test": _identity(test)})
+            save_surrogate(cfg.kernel_dir(ks.name) / f"surrogate-{target}", sur, train=train, overwrite=True,
+                           meta={"kernel": ks.name, "target": target, "solver": solver, "alpha": s.alpha,
+                                 "normalized": norm, "test": _identity(test)})
             res = faithfulness(z_test, scores, y_test)
             metrics.append({"kernel": ks.name, "target": target, **res.to_dict()})
             rows.append({"kernel": ks.name, "target": target, "solver": solver, "tau": res.tau,
@@ -408,7 +360,7 @@ def explain_command(cfg: RunConfig, *, progress: bool = True, stdout: TextIO | N
     log = stdout if stdout is not None else sys.stdout
     e = cfg.explain
     model, data = build_model(cfg), load_data(cfg)
-    sur = load_surrogate(cfg, e.kernel, e.target)
+    sur, meta = load_surrogate(cfg, e.kernel, e.target)
     train, test = _open_features(cfg, e.kernel, "train"), _open_features(cfg, e.kernel, "test")
     idx = _points(e.points, data.n_test, f"{cfg.path}: [explain]")
     y_train, y_test = data.y_train.numpy(), data.y_test.numpy()
@@ -420,7 +372,7 @@ def explain_command(cfg: RunConfig, *, progress: bool = True, stdout: TextIO | N
         cb(0, len(steps))
         for j, s in enumerate(steps):
             part = idx[s:s + _EXPLAIN_ROWS]
-            K = _kernel_rows(test, train, part, sur.normalized, block)
+            K = _kernel_rows(test, train, part, bool(meta["normalized"]), block)
             z = network_logits(model, _take(data.x_test, part))
             ex = explain(sur, K, k=min(e.k, train.n), train_labels=y_train, network_logits=z,
                          target="network", classes=())

@@ -36,6 +36,7 @@ from .manifest import (
     RUNNING,
     VERSION,
     check_identity,
+    check_writer,
     chunk_columns,
     mark_done,
     new_array,
@@ -185,7 +186,11 @@ class FeatureStore:
                     f"The feature store at {str(p)!r} was made with a different block_size: stored "
                     f"{stored['block_size']}, this call {block_size}. Resumed rows are bit-identical only "
                     "with the recorded capture size: omit block_size= (it is reused) or start a new store.")
-            return cls(group, p, stored)
+            store = cls(group, p, stored)
+            if not store.complete:
+                check_writer(stored, what=f"The unfinished feature store at {str(p)!r}",
+                             fix="delete it to start over (or write to a new path).")
+            return store
         manifest = {
             **given, "version": VERSION, "config": config.to_dict(), "n_chunks": math.ceil(n / rows),
             "row_shape": None, "dtype": None, "block_size": block_size, "versions": versions(),

@@ -37,6 +37,7 @@ from .manifest import (
     RUNNING,
     VERSION,
     check_identity,
+    check_writer,
     mark_done,
     new_array,
     new_flags,
@@ -276,6 +277,8 @@ def _kernel(a: FeatureStore | str | os.PathLike[str], b: FeatureStore | str | os
         ks = KernelStore(group, p, stored)
         if ks.complete:
             return ks
+        check_writer(stored, what=f"The unfinished kernel store at {str(p)!r}",
+                     fix="delete it to start over (or write to a new path).")
     else:
         manifest = {**given, "version": VERSION, "shape": list(shape), "versions": versions(),
                     "status": RUNNING, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

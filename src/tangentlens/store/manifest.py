@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # zarr is imported when a store is opened: `import tangentlen
 
 __all__ = [
     "RUNNING", "COMPLETE", "VERSION", "versions", "open_group", "read_manifest", "flatten", "check_identity",
-    "chunk_columns", "new_array", "new_flags", "read_flags", "mark_done", "store_path",
+    "chunk_columns", "new_array", "new_flags", "read_flags", "mark_done", "store_path", "check_writer",
 ]
 
 RUNNING = "running"
@@ -36,7 +36,7 @@ _CHUNK_BYTES = 64 * 2**20  # largest chunk file the stores write (columns are sp
 
 
 def versions() -> dict[str, str]:
-    """The library versions a store was written with (informative; never compared)."""
+    """The library versions a store was written with (compared only to resume a run: :func:`check_writer`)."""
     def v(name: str) -> str:
         try:
             return importlib.metadata.version(name)
@@ -47,6 +47,23 @@ def versions() -> dict[str, str]:
 
     return {"tangentlens": v("tangentlens"), "torch": torch.__version__, "zarr": zarr.__version__,
             "numpy": np.__version__}
+
+
+def check_writer(stored: Mapping[str, Any], *, what: str, fix: str) -> None:
+    """Refuse to resume an unfinished run started by another tangentlens or torch release: their summation
+    orders may differ, so the rows written now could differ in the last bits from those already there and the
+    finished store would not be bit-identical to one uninterrupted run. (A finished store is read by any.)
+
+    Raises:
+        StoreMismatchError: the release that differs, with both versions and ``fix``.
+    """
+    have, now = stored.get("versions") or {}, versions()
+    for lib in ("tangentlens", "torch"):
+        if have.get(lib) not in (None, now[lib]):
+            raise StoreMismatchError(
+                f"{what} was started with {lib} {have[lib]} and this is {lib} {now[lib]}: rows computed now "
+                f"may differ in the last bits from those already stored. Finish it with {lib} {have[lib]}, "
+                f"or {fix}")
 
 
 def store_path(path: str | os.PathLike[str], what: str) -> Path:
