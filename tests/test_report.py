@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tangentlens.errors import InputError
-from tangentlens.report import format_value, gallery, scatter, text_table, write_report
+from tangentlens.report import format_value, gallery, gallery_points, scatter, text_table, write_report
 
 ROWS = [
     {"kernel": "trNTK", "target": "labels", "tau": 0.81234, "TAD (pp)": -0.5, "p": 1.2e-17, "n": 600},
@@ -271,3 +271,21 @@ def test_demo_report_verdict_labels_and_explanations(tmp_path) -> None:
     table = payload["tables"]
     (rows,) = table.values()
     assert [r["test digit"] for r in rows] == ex["gallery"]
+
+
+def test_gallery_shows_colour_images_in_colour(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    red = np.zeros((2, 8, 8, 3))
+    red[..., 0] = 2.0  # standardized inputs: scaled to [0, 1] per image for display
+    red[..., 1:] = -1.0
+    cells = rng.standard_normal((2, 2, 3, 8, 8))  # channel-first colour cells
+    p = gallery(tmp_path / "rgb.png", red, cells, np.ones((2, 2)), cells, -np.ones((2, 2)))
+    import matplotlib.image as mpimg
+
+    png = mpimg.imread(str(p))[..., :3]
+    saturated = (png[..., 0] > 0.9) & (png[..., 1] < 0.1) & (png[..., 2] < 0.1)
+    assert saturated.sum() > 100  # the red queries are drawn red, not as grey luminance
+    with pytest.raises(InputError, match="all grey or all colour"):
+        gallery(tmp_path / "g.png", red, np.zeros((2, 1, 8, 8)), np.ones((2, 1)), np.zeros((2, 1, 8, 8)),
+                np.ones((2, 1)))
+    assert gallery_points(np.array([0, 1, 2, 3]), np.array([1, 1, 2, 3]), 3) == [0, 1, 2]

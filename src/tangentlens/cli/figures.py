@@ -47,13 +47,13 @@ def input_view(data: UserData, setting: str) -> str:
 
 
 def _display_images(a: Any) -> np.ndarray:
-    """(n, H, W) float images for ``imshow``: channel axes of 1 dropped, RGB shown as luminance."""
+    """Float images for ``imshow``: (n, H, W) grey (channel axes of 1 dropped) or (n, H, W, 3) colour."""
     img = to_numpy(a, np.float64)
-    if img.ndim == 4 and img.shape[1] in (1, 3):
-        img = img[:, 0] if img.shape[1] == 1 else np.tensordot(img, [0.299, 0.587, 0.114], axes=([1], [0]))
-    elif img.ndim == 4 and img.shape[-1] in (1, 3):
-        img = img[..., 0] if img.shape[-1] == 1 else img @ np.array([0.299, 0.587, 0.114])
-    if img.ndim != 3:
+    if img.ndim == 4 and img.shape[1] in (1, 3) and img.shape[-1] not in (1, 3):
+        img = img[:, 0] if img.shape[1] == 1 else np.moveaxis(img, 1, -1)
+    elif img.ndim == 4 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if not (img.ndim == 3 or (img.ndim == 4 and img.shape[-1] == 3)):
         raise ValueError(f"images must be (n, H, W), (n, 1|3, H, W) or (n, H, W, 3); got {img.shape}")
     return img
 

@@ -29,11 +29,10 @@ from ..demo import (
     explanation_table,
     verdict_in_words,
 )
-from ..demo._figures import gallery_points
 from ..errors import InputError
 from ..explain import explain
 from ..faithfulness import faithfulness
-from ..report import text_table, write_report
+from ..report import gallery_points, text_table, write_report
 from .config import KernelSection, RunConfig
 from .figures import confidence_figure, image_gallery, input_view, text_gallery
 from .loading import UserData, build_model, load_data, network_logits

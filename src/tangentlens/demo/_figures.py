@@ -15,28 +15,6 @@ from ..report import gallery, scatter
 from .specs import SurrogateSpec
 
 
-def gallery_points(
-    y_test: np.ndarray, net_pred: np.ndarray, n: int, sur_pred: np.ndarray | None = None
-) -> list[int]:
-    """Deterministic choice of gallery rows: network mistakes first (at most half), then one point where
-    network and surrogate disagree (if any), then correct points of distinct classes."""
-    wrong = [int(i) for i in np.flatnonzero(net_pred != y_test)][: n // 2]
-    chosen, seen = list(wrong), {int(y_test[i]) for i in wrong}
-    if sur_pred is not None and len(chosen) < n:
-        for i in np.flatnonzero(net_pred != sur_pred):
-            if int(i) not in chosen:
-                chosen.append(int(i))
-                seen.add(int(y_test[i]))
-                break
-    for i in np.flatnonzero(net_pred == y_test):
-        if len(chosen) >= n:
-            break
-        if int(y_test[i]) not in seen:
-            chosen.append(int(i))
-            seen.add(int(y_test[i]))
-    return chosen
-
-
 def confidence_scatter(
     path: Path,
     kernel: str,

@@ -24,9 +24,9 @@ from ..errors import InputError
 from ..explain import explain
 from ..explanation import Explanation
 from ..faithfulness import FaithfulnessResult, faithfulness
-from ..report import text_table, write_report
+from ..report import gallery_points, text_table, write_report
 from ..surrogate import KernelSurrogate
-from ._figures import confidence_scatter, explanation_gallery, gallery_points
+from ._figures import confidence_scatter, explanation_gallery
 from .network import DigitsCNN, train_cnn
 from .specs import KERNELS, SURROGATES, KernelSpec, SurrogateSpec
 from .words import EXPLANATION_COLUMNS, FAITHFULNESS_COLUMNS, explanation_table, verdict_in_words

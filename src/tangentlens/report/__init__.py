@@ -5,6 +5,6 @@ numbers and hands them over as plain Python values and numpy arrays.
 """
 
 from tangentlens.report.html import format_value, text_table, write_report
-from tangentlens.report.plots import gallery, scatter
+from tangentlens.report.plots import gallery, gallery_points, scatter
 
-__all__ = ["format_value", "gallery", "scatter", "text_table", "write_report"]
+__all__ = ["format_value", "gallery", "gallery_points", "scatter", "text_table", "write_report"]

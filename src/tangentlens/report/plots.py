@@ -111,8 +111,9 @@ def gallery(
 
     Args:
         path: output PNG file; parent folders are created.
-        queries: images of shape (R, H, W) (or (R, 1, H, W)), one per row.
-        proponents: images of shape (R, k_p, H, W) (or with a channel axis of 1).
+        queries: images of shape (R, H, W) (or (R, 1, H, W)), one per row; colour images as (R, H, W, 3) or
+            (R, 3, H, W), each scaled to [0, 1] for display (``cmap`` applies to grey images only).
+        proponents: images of shape (R, k_p, H, W) (or with a channel axis of 1, or colour as above).
         proponent_scores: contributions of shape (R, k_p), written above each image. A cell whose image
             is all NaN is left empty (use it to pad rows with fewer than k_p proponents).
         opponents: images of shape (R, k_o, H, W).
@@ -134,6 +135,9 @@ def gallery(
     q = _as_images(np.asarray(queries, dtype=float), 3, "queries")
     p = _as_images(np.asarray(proponents, dtype=float), 4, "proponents")
     o = _as_images(np.asarray(opponents, dtype=float), 4, "opponents")
+    if len({q.ndim - 3, p.ndim - 4, o.ndim - 4}) > 1:
+        raise InputError("gallery images must be all grey or all colour; got queries "
+                         f"{q.shape}, proponents {p.shape}, opponents {o.shape}.")
     ps = np.asarray(proponent_scores, dtype=float)
     os_ = np.asarray(opponent_scores, dtype=float)
     rows = q.shape[0]
@@ -179,7 +183,10 @@ def gallery(
             if np.all(np.isnan(img)):  # an empty cell (fewer proponents/opponents than columns)
                 ax.axis("off")
                 continue
-            ax.imshow(img, cmap=cmap, interpolation="nearest")
+            if img.ndim == 3:
+                ax.imshow(_rgb(img), interpolation="nearest")
+            else:
+                ax.imshow(img, cmap=cmap, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
@@ -192,12 +199,44 @@ def gallery(
 
 
 def _as_images(a: np.ndarray, ndim: int, name: str) -> np.ndarray:
-    """Drop a singleton channel axis so images have ``ndim`` axes; check the result."""
+    """Grey images with ``ndim`` axes (a singleton channel axis dropped), or colour images with ``ndim + 1``
+    axes, RGB last (moved there from a channel-first axis of 3); check the result."""
     if a.ndim == ndim + 1 and a.shape[-3] == 1:
         a = a.reshape(*a.shape[:-3], *a.shape[-2:])
-    if a.ndim != ndim:
-        raise InputError(f"{name} must have {ndim} axes (images last, H x W), got shape {a.shape}.")
+    elif a.ndim == ndim + 1 and a.shape[-3] == 3 and a.shape[-1] != 3:
+        a = np.moveaxis(a, -3, -1)
+    if not (a.ndim == ndim or (a.ndim == ndim + 1 and a.shape[-1] == 3)):
+        raise InputError(f"{name} must have {ndim} axes (images last, H x W), or {ndim + 1} for colour "
+                         f"images (H x W x 3 or 3 x H x W), got shape {a.shape}.")
     return a
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    """A colour image scaled to [0, 1] (inputs are often standardized): what ``imshow`` shows of RGB."""
+    lo, hi = np.nanmin(img), np.nanmax(img)
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(img)
+
+
+def gallery_points(
+    y_test: np.ndarray, net_pred: np.ndarray, n: int, sur_pred: np.ndarray | None = None
+) -> list[int]:
+    """A deterministic choice of ``n`` gallery rows: network mistakes first (at most half), then one point
+    where network and surrogate disagree (if any), then correct points of distinct classes."""
+    wrong = [int(i) for i in np.flatnonzero(net_pred != y_test)][: n // 2]
+    chosen, seen = list(wrong), {int(y_test[i]) for i in wrong}
+    if sur_pred is not None and len(chosen) < n:
+        for i in np.flatnonzero(net_pred != sur_pred):
+            if int(i) not in chosen:
+                chosen.append(int(i))
+                seen.add(int(y_test[i]))
+                break
+    for i in np.flatnonzero(net_pred == y_test):
+        if len(chosen) >= n:
+            break
+        if int(y_test[i]) not in seen:
+            chosen.append(int(i))
+            seen.add(int(y_test[i]))
+    return chosen
 
 
 def _save(fig: Any, path: str | Path) -> Path:
