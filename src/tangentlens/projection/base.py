@@ -176,8 +176,11 @@ def column_panels(k: int) -> list[tuple[int, int]]:
     return [(j0, min(k, j0 + PANEL_COLS)) for j0 in range(0, k, PANEL_COLS)]
 
 
-def layer_shapes(a: Tensor, delta: Tensor, d_in: int, d_out: int) -> tuple[Tensor, Tensor]:
-    """``a`` as ``(n, T, d_in)`` and ``delta`` as ``(n, M, T, d_out)`` (2-D / 3-D inputs get ``T = 1``).
+def layer_shapes(
+    a: Tensor, delta: Tensor, d_in: int, d_out: int, what: str = "a layer's factors"
+) -> tuple[Tensor, Tensor]:
+    """``a`` as ``(n, T, d_in)`` and ``delta`` as ``(n, M, T, d_out)`` (2-D / 3-D inputs get ``T = 1``);
+    views, no copy. ``what`` names the factors in the error messages.
 
     Raises:
         InputError: shapes that do not match each other or ``d_in`` / ``d_out``.
@@ -188,7 +191,7 @@ def layer_shapes(a: Tensor, delta: Tensor, d_in: int, d_out: int) -> tuple[Tenso
         delta = delta[:, :, None, :]
     if a.dim() != 3 or delta.dim() != 4:
         raise InputError(
-            f"a layer's factors must be a (n, T, d_in) and delta (n, M, T, d_out), got {tuple(a.shape)} "
+            f"{what} must be a (n, T, d_in) and delta (n, M, T, d_out), got {tuple(a.shape)} "
             f"and {tuple(delta.shape)}."
         )
     n, big_t, di = a.shape

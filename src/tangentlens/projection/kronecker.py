@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..memory import check_memory
-from .base import FactoredBackend, matmul_rows
+from .base import FactoredBackend, layer_shapes, matmul_rows
 from .hashing import GEN_VERSION, check_int, column_keys, rademacher_rows, seed_words
 from .sjlt import countsketch
 
@@ -90,21 +90,8 @@ class KroneckerBackend(FactoredBackend):
         k_out: int | None,
     ) -> Tensor:
         """See :meth:`tangentlens.projection.Projection.project_kronecker` (same arguments)."""
-        if a.dim() == 2:
-            a = a[:, None, :]
-        if delta.dim() == 3:
-            delta = delta[:, :, None, :]
-        if a.dim() != 3 or delta.dim() != 4:
-            raise InputError(
-                f"project_kronecker expects a (n, T, d_in) and delta (n, M, T, d_out), got "
-                f"{tuple(a.shape)} and {tuple(delta.shape)}."
-            )
-        n, big_t, di = a.shape
-        if delta.shape[0] != n or delta.shape[2] != big_t or di != d_in or delta.shape[3] != d_out:
-            raise InputError(
-                f"shape mismatch: a {tuple(a.shape)}, delta {tuple(delta.shape)}, d_in={d_in}, "
-                f"d_out={d_out}; a must be (n, T, d_in) and delta (n, M, T, d_out)."
-            )
+        a, delta = layer_shapes(a, delta, d_in, d_out, "project_kronecker's factors")
+        n, big_t = a.shape[:2]
         reference = self.spec.scale == "reference"
         if reference and total_dim is None:
             raise InputError("scale='reference' divides by sqrt(P): pass total_dim=P.")
