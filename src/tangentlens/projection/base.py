@@ -34,14 +34,9 @@ PANEL_COLS = 2048  # output columns of one such chunk (wider GEMMs run ~40% slow
 
 class LayerFactors(NamedTuple):
     """One Linear/Conv layer's captured factors, for :meth:`Projection.project_layers
-    <tangentlens.projection.Projection.project_layers>`.
-
-    Attributes:
-        a: ``(n, T, d_in)`` input activations (or unfolded patches), or ``(n, d_in)``.
-        delta: ``(n, M, T, d_out)`` output gradients per probe, or ``(n, M, d_out)``.
-        key: The layer's identifier (its module's qualified name); seeds ``"khatri_rao"``'s factors.
-        weight_offset: First global column of the weight (``None``: the weight is not selected).
-        bias_offset: First global column of the bias (``None``: no bias, or not selected).
+    <tangentlens.projection.Projection.project_layers>`: the fields ``a``, ``delta``, ``key``,
+    ``weight_offset``, ``bias_offset`` are the arguments of the same names of :meth:`Projection.project_layer
+    <tangentlens.projection.Projection.project_layer>` (their shapes and meaning are documented there).
     """
 
     a: Tensor
