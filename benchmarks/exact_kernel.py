@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -115,6 +116,18 @@ def bench_pair(name: str, model: nn.Module, n: int, t: int) -> dict:
     return dict(model=name, n_train=n, n_test=t, two_calls_s=t_two, pair_s=t_one, max_abs_diff=err)
 
 
+def repeat_times(f: Callable[[], object], reps: int, warmup: int = 0) -> list[float]:
+    """Seconds of each of ``reps`` timed calls of ``f`` after ``warmup`` untimed ones, sorted (best first)."""
+    for _ in range(warmup):
+        f()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)
+
+
 def bench_same(name: str, model: nn.Module, n: int, reps: int = 3) -> dict:
     """kernel(model, x) vs kernel(model, x, x) (same object: the symmetric path) vs kernel(model, x, x')
     with x' an equal copy (the cross path): best of ``reps`` after a warm-up."""
@@ -124,15 +137,7 @@ def bench_same(name: str, model: nn.Module, n: int, reps: int = 3) -> dict:
         "kernel(m, x, x)": lambda: tl.kernel(model, x, x, kind="trntk"),
         "kernel(m, x, x.clone())": lambda: tl.kernel(model, x, x.clone(), kind="trntk"),
     }
-    out = {}
-    for label, f in calls.items():
-        f()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-        out[label] = min(ts)
+    out = {label: repeat_times(f, reps, warmup=1)[0] for label, f in calls.items()}
     base = out["kernel(m, x)"]
     print(f"{name} N={n}: " + ", ".join(f"{k} {v:.3f} s ({v / base:.2f}x)" for k, v in out.items()))
     return out
@@ -154,14 +159,7 @@ def bench_small(n: int = 64, reps: int = 100) -> dict:
     out = {"first call (fresh model), median": sorted(firsts)[len(firsts) // 2]}
     for label, f in (("kernel(m, x)", lambda: tl.kernel(model, x, kind="trntk")),
                      ("kernel(m, x, x)", lambda: tl.kernel(model, x, x, kind="trntk"))):
-        for _ in range(5):
-            f()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-        ts.sort()
+        ts = repeat_times(f, reps, warmup=5)
         out[f"{label}, best"] = ts[0]
         out[f"{label}, median"] = ts[len(ts) // 2]
     print(f"MLP exact trNTK N={n}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in out.items()))
