@@ -29,12 +29,7 @@ CHILD = Path(__file__).resolve().parent / "store_child.py"
 PROJ = dict(kind="pntk", normalize=True, projection=tl.Projection(48, seed=3))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(n: int = 40, d: int = 6, seed: int = 0) -> torch.Tensor:

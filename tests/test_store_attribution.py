@@ -28,12 +28,7 @@ P = tl.Projection(64, seed=2)
 F64 = dict(kind="margin", projection=P, dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def split(arch: str = "mlp", n: int = 23, t: int = 5):
