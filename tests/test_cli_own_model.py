@@ -5,6 +5,7 @@ bag-of-embeddings text model), and one test per kind of bad configuration."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +62,15 @@ top_k = 2
 """
 
 
-def _train_mlp(path: Path, hidden: int = 16) -> None:
-    import cli_example.data as data  # noqa: I001 - on sys.path through the fixture
-    import cli_example.models as models
-
+def train_mlp(path: Path, hidden: int = 16) -> None:
+    """Train cli_example's MLP on its blobs briefly and save its state dict at ``path`` (the checkpoint of
+    ``MLP_CONFIG``; the ``cli_project`` fixture of tests/conftest.py uses it)."""
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        import cli_example.data as data  # noqa: I001 - importable from EXAMPLE
+        import cli_example.models as models
+    finally:
+        sys.path.remove(str(EXAMPLE))
     d = data.blobs()
     model = models.make_mlp(hidden=hidden)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -75,29 +81,14 @@ def _train_mlp(path: Path, hidden: int = 16) -> None:
     torch.save(model.state_dict(), path)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A folder with ``tl.toml`` and the checkpoint it names."""
-    import sys
-
-    root = tmp_path_factory.mktemp("project")
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        _train_mlp(root / "mlp.pt")
-    finally:
-        sys.path.remove(str(EXAMPLE))
-    (root / "tl.toml").write_text(MLP_CONFIG)
-    return root
-
-
 def _run(*argv: str) -> int:
     return main([*argv, "--no-progress"])
 
 
 # ---------------------------------------------------------------------------------------- the pipeline
-def test_pipeline_writes_where_the_config_says(project, capsys) -> None:
-    cfg = str(project / "tl.toml")
-    store = project / "out" / "store"
+def test_pipeline_writes_where_the_config_says(cli_project, capsys) -> None:
+    cfg = str(cli_project / "tl.toml")
+    store = cli_project / "out" / "store"
     assert _run("featurize", cfg) == 0
     for name in ("trNTK", "proj-pNTK"):
         for split in ("train", "test"):
@@ -123,7 +114,7 @@ def test_pipeline_writes_where_the_config_says(project, capsys) -> None:
         assert (store / "proj-pNTK" / f"surrogate-{t}" / "zarr.json").is_file()
 
     assert _run("explain", cfg) == 0
-    ex = json.loads((project / "out" / "explained.json").read_text())
+    ex = json.loads((cli_project / "out" / "explained.json").read_text())
     assert [p["test_index"] for p in ex["points"]] == [7, 0, 3, 0]
     assert ex["points"][1] == ex["points"][3]  # the same test point, explained the same way
     p = ex["points"][0]
@@ -139,8 +130,8 @@ def test_pipeline_writes_where_the_config_says(project, capsys) -> None:
     assert np.isclose(K[7] @ W[c] + b[c], p["target"]["logit"], rtol=1e-4, atol=1e-5)
 
     assert _run("attribute", cfg) == 0
-    at = json.loads((project / "out" / "attributed.json").read_text())
-    S = np.load(project / "out" / "attributed.npy")
+    at = json.loads((cli_project / "out" / "attributed.json").read_text())
+    S = np.load(cli_project / "out" / "attributed.npy")
     assert S.shape == (4, 60) and at["test_indices"] == [0, 1, 2, 3]
     assert at["proponents"][0] == np.argsort(-S[0], kind="stable")[:2].tolist()
     # with a projection the margin features go to a store and the estimator streams from it; a rerun
@@ -148,11 +139,11 @@ def test_pipeline_writes_where_the_config_says(project, capsys) -> None:
     assert "attribute_from_store" in at["estimator"]
     assert (store / "attribution" / "train" / "zarr.json").is_file()
     assert _run("attribute", cfg) == 0
-    assert np.array_equal(np.load(project / "out" / "attributed.npy"), S)
+    assert np.array_equal(np.load(cli_project / "out" / "attributed.npy"), S)
 
 
-def test_fit_before_featurize_says_what_to_run(tmp_path, project, capsys) -> None:
-    text = MLP_CONFIG.replace('checkpoint = "mlp.pt"', f'checkpoint = {str(project / "mlp.pt")!r}')
+def test_fit_before_featurize_says_what_to_run(tmp_path, cli_project, capsys) -> None:
+    text = MLP_CONFIG.replace('checkpoint = "mlp.pt"', f'checkpoint = {str(cli_project / "mlp.pt")!r}')
     (tmp_path / "tl.toml").write_text(text)
     assert _run("fit", str(tmp_path / "tl.toml")) == 1
     assert "run `tangentlens featurize" in capsys.readouterr().err
@@ -246,17 +237,15 @@ def test_bad_files(tmp_path, capsys) -> None:
         load_config(_config(tmp_path, {"kernels.trNTK": None}))
 
 
-def test_checkpoints_are_read_without_unpickling(tmp_path, project, capsys) -> None:
-    import sys
-
+def test_checkpoints_are_read_without_unpickling(tmp_path, capsys) -> None:
     sys.path.insert(0, str(EXAMPLE))
     try:
         import cli_example.models as models
 
         torch.save(models.make_mlp(hidden=16), tmp_path / "whole.pt")  # a pickled module, not a state dict
-        _train_mlp(tmp_path / "narrow.pt", hidden=4)
     finally:
         sys.path.remove(str(EXAMPLE))
+    train_mlp(tmp_path / "narrow.pt", hidden=4)
     body = 'factory = "cli_example.models:make_mlp"\ncheckpoint = "{}"'
     assert _run("attribute", str(_config(tmp_path, {"model": body.format("whole.pt")}))) == 1
     assert "holds pickled Python objects" in capsys.readouterr().err
@@ -267,9 +256,10 @@ def test_checkpoints_are_read_without_unpickling(tmp_path, project, capsys) -> N
     assert _run("attribute", str(_config(tmp_path, {"model": trusted, "attribute": "points = 2"}))) == 0
 
 
-def test_an_unreachable_scheduler_exits_1_saying_so(project, capsys) -> None:
+def test_an_unreachable_scheduler_exits_1_saying_so(cli_project, capsys) -> None:
     # (tests/test_distributed.py runs the commands on a real cluster)
-    assert _run("featurize", str(project / "tl.toml"), "--scheduler", "tcp://127.0.0.1:1", "--resume") == 1
+    cfg = str(cli_project / "tl.toml")
+    assert _run("featurize", cfg, "--scheduler", "tcp://127.0.0.1:1", "--resume") == 1
     err = capsys.readouterr().err
     assert "Cannot reach a dask scheduler at 'tcp://127.0.0.1:1'" in err or "tangentlens[distributed]" in err
 

@@ -1,6 +1,6 @@
 """Feature and kernel stores on a dask.distributed cluster: bit-identical to one process, resumable, the
-model rebuilt on the workers from a recipe (and checked), clear errors for a bad scheduler or a missing dask,
-and the CLI's --scheduler.
+model rebuilt on the workers from a recipe (and checked), a worker killed mid-run, clear errors for a bad
+scheduler or a missing dask, and the CLI's --scheduler.
 
 Most tests run on an in-process cluster (two worker threads: starts at once); the tests marked slow run on
 real worker processes (each imports torch and tangentlens once: 10-30 s on a busy 2-core machine)."""
@@ -8,8 +8,11 @@ real worker processes (each imports torch and tangentlens once: 10-30 s on a bus
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +34,7 @@ IDENTITY = ("config_fingerprint", "model_fingerprint", "data_fingerprint", "labe
             "n_chunks", "row_shape", "dtype", "block_size", "status")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers run one thread each (dask sets OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the workers (dask sets OMP_NUM_THREADS=1)
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +172,76 @@ def test_a_recipe_loads_its_checkpoint(cluster, tmp_path):
         ModelRecipe(functools.partial(mlp, d_in=5), checkpoint=tmp_path / "ckpt.pt").build()
 
 
+# --------------------------------------------------------------------------------------- a worker dies
+class SlowOnWorkers(nn.Module):
+    """``mlp()`` whose forward, on a Dask worker, touches ``marks/<pid>`` and then sleeps: a test sees which
+    worker is inside a task and kills it there."""
+
+    def __init__(self, marks: Path) -> None:
+        super().__init__()
+        self.net, self.marks = mlp(), str(marks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            distributed.get_worker()
+        except ValueError:  # in the test's process
+            return self.net(x)
+        (Path(self.marks) / str(os.getpid())).touch()
+        time.sleep(0.1)
+        return self.net(x)
+
+
+def _kill_once(pid: int, ready: Callable[[], bool], killed: list[int]) -> None:
+    """SIGKILL process ``pid`` as soon as ``ready()`` (once)."""
+    if killed:
+        return
+    deadline = time.monotonic() + 30
+    while not ready():
+        assert time.monotonic() < deadline, "the worker to kill never got a task"
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    killed.append(pid)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_costs_nothing_but_time(tmp_path):
+    """Features: the chunks lost with the killed worker (its running task, the data sent to it) are sent
+    again to the worker left; kernel tiles: Dask reruns them. Both stores are the single-process bytes."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    x, model = data("mlp", 64), SlowOnWorkers(marks)
+    ref = featurize(model, x, tmp_path / "ref", chunk_rows=8, **PROJ)
+    kref = kernel_from_store(ref, out=tmp_path / "K-ref", block_rows=8)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  worker_dashboard_address=None) as c, \
+            distributed.Client(c, set_as_default=False) as client:
+        client.run(__import__, __name__)  # both workers import this module (the model's class) at once
+        (_, victim), (survivor, _) = client.run(os.getpid).items()
+        killed: list[int] = []
+        calls: list[int] = []
+
+        def in_forward(done: int, total: int) -> None:  # after two chunks: kill inside the victim's forward
+            calls.append(done)
+            if done >= 2 and not killed:
+                (marks / str(victim)).unlink(missing_ok=True)
+                _kill_once(victim, (marks / str(victim)).exists, killed)
+
+        fs = featurize(model, x, tmp_path / "d", chunk_rows=8, scheduler=client, progress=in_forward, **PROJ)
+        assert killed and calls == list(range(9))
+        _same_store(ref, fs)
+
+        client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker: kill the new one
+        ((fresh, victim),) = [(w, p) for w, p in client.run(os.getpid).items() if w != survivor]
+        killed.clear()
+
+        def with_tiles(done: int, total: int) -> None:  # after 10 of 64 blocks: kill it holding tiles
+            if done >= 10:
+                _kill_once(victim, lambda: bool(client.processing([fresh]).get(fresh)), killed)
+
+        ks = kernel_from_store(fs, out=tmp_path / "K", block_rows=8, scheduler=client, progress=with_tiles)
+        assert killed and ks.complete and _bytes_equal(ks[...], kref[...])
+
+
 # -------------------------------------------------------------------------------------------- kernels
 def test_kernels_on_the_cluster_are_the_single_process_kernels(cluster, tmp_path):
     x, t = data("cnn", 45), data("cnn", 13, seed=1)
@@ -226,29 +294,22 @@ def test_scheduler_without_dask_names_the_extra(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ CLI
 @pytest.mark.slow
-def test_the_cli_runs_featurize_and_kernel_on_the_cluster(processes, tmp_path, capsys):
-    from .test_cli_own_model import EXAMPLE, MLP_CONFIG, _train_mlp
-
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        _train_mlp(tmp_path / "mlp.pt")
-    finally:
-        sys.path.remove(str(EXAMPLE))
-    (tmp_path / "tl.toml").write_text(MLP_CONFIG)
-    (tmp_path / "one.toml").write_text(MLP_CONFIG.replace('"out/store"', '"one/store"'))
+def test_the_cli_runs_featurize_and_kernel_on_the_cluster(processes, cli_project, capsys):
+    root = cli_project  # tl.toml (its store under out/) and mlp.pt; one.toml: the same, stored under one/
+    (root / "one.toml").write_text((root / "tl.toml").read_text().replace('"out/store"', '"one/store"'))
     address = processes.scheduler_address  # the workers import cli_example through the config's python_path
     for command in ("featurize", "kernel"):
-        assert main([command, str(tmp_path / "tl.toml"), "--scheduler", address, "--no-progress"]) == 0
-        assert main([command, str(tmp_path / "one.toml"), "--no-progress"]) == 0
+        assert main([command, str(root / "tl.toml"), "--scheduler", address, "--no-progress"]) == 0
+        assert main([command, str(root / "one.toml"), "--no-progress"]) == 0
     for name in ("trNTK", "proj-pNTK"):
         for split in ("train", "test"):
-            _same_store(FeatureStore.open(tmp_path / "one" / "store" / name / split),
-                        FeatureStore.open(tmp_path / "out" / "store" / name / split))
+            _same_store(FeatureStore.open(root / "one" / "store" / name / split),
+                        FeatureStore.open(root / "out" / "store" / name / split))
         for k in ("K_train", "K_test"):
-            a = tl.KernelStore.open(tmp_path / "one" / "store" / name / k)
-            b = tl.KernelStore.open(tmp_path / "out" / "store" / name / k)
+            a = tl.KernelStore.open(root / "one" / "store" / name / k)
+            b = tl.KernelStore.open(root / "out" / "store" / name / k)
             assert _bytes_equal(a[...], b[...])
     capsys.readouterr()
-    assert main(["featurize", str(tmp_path / "tl.toml"), "--scheduler", "tcp://127.0.0.1:1", "--resume",
+    assert main(["featurize", str(root / "tl.toml"), "--scheduler", "tcp://127.0.0.1:1", "--resume",
                  "--no-progress"]) == 1
     assert "Cannot reach a dask scheduler" in capsys.readouterr().err

@@ -22,12 +22,17 @@ Featurization, per store:
    torch build on the same kind of CPU, whose arithmetic kernels decide the last bits).
 4. A worker writes its chunk's rows and squared norms into the shared store and only then sets the chunk's
    done flag (each chunk and each flag in files of its own: workers never share a file). A worker that dies
-   loses its chunk, which Dask reruns elsewhere; a client that dies loses the chunks in flight, which a
-   resumed call (the same call again) recomputes.
+   loses the chunks sent to it (a chunk's data lives on one worker): the client sends them again to the
+   workers left (at most three times a chunk; the model is on every worker), and the run completes with
+   the same bytes. A chunk that Dask gives up on (it was running on every worker that died: dask's
+   ``distributed.scheduler.allowed-failures``) fails the run with :class:`~tangentlens.TangentLensError`
+   saying so, the chunks written are kept; a client that dies loses the chunks in flight. Either way a
+   resumed call (the same call again) computes only the chunks not done.
 
 Kernels: the client creates the kernel store, then every tile not done is a task that reads its two row
 blocks from the feature stores, writes the tile (and its mirror for a symmetric kernel) and sets its flags
-(:func:`~tangentlens.store.kernels.write_tile`, the single-process code).
+(:func:`~tangentlens.store.kernels.write_tile`, the single-process code). A tile's task carries only paths and
+indices, so Dask itself reruns the tiles of a worker that dies on the workers left.
 
 Every path must name the same files on every worker (a shared or local file system); the client passes
 absolute paths.
@@ -36,10 +41,12 @@ absolute paths.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import pickle
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -48,7 +55,7 @@ import torch
 from torch import nn
 
 from ..config import KernelConfig
-from ..errors import InputError, StoreMismatchError
+from ..errors import InputError, StoreMismatchError, TangentLensError
 from ..features import Featurizer
 from ..inputs import Block
 from .features import FeatureStore
@@ -61,6 +68,8 @@ __all__ = ["connect", "featurize_on_cluster", "kernel_on_cluster"]
 
 _EXTRA = "pip install 'tangentlens[distributed]'"
 _IN_FLIGHT_PER_THREAD = 2
+_RESENDS = 3  # a task lost with a dead worker is sent again at most this many times
+_PAUSE_S = 0.5  # before resending (times the attempt): the scheduler notices the dead worker meanwhile
 
 
 # ------------------------------------------------------------------------------------------- the client
@@ -130,34 +139,74 @@ def _probe(address: str, timeout: float) -> None:
 
 
 def _run_bounded(client: Any, jobs: Iterator[Callable[[], Any]], on_done: Callable[[Any], None]) -> None:
-    """Submit ``jobs`` (each returns a future) keeping at most two per worker thread in flight; call
-    ``on_done(result)`` as each finishes. The first failure cancels the rest and is raised."""
-    from distributed import as_completed
+    """Submit ``jobs`` (each sends one task and returns its future) keeping at most two per worker thread in
+    flight; call ``on_done(result)`` as each finishes.
+
+    A task lost with a worker that died is sent again (the same job, up to ``_RESENDS`` times): its future
+    comes back cancelled when its scattered input died with the worker, or sending it fails with an
+    ``OSError`` when the worker it went to was gone. A task Dask gave up on (``KilledWorker``: every worker
+    that ran it died) raises :class:`~tangentlens.TangentLensError`; a task's own exception is raised with
+    its type. The first failure cancels the rest.
+    """
+    from distributed import KilledWorker, as_completed
+    from distributed.client import FutureCancelledError
 
     threads = sum(client.nthreads().values())
     limit = max(2, _IN_FLIGHT_PER_THREAD * threads)
-    live: set[Any] = set()
+    live: dict[Any, tuple[Callable[[], Any], int]] = {}  # future -> (its job, times its task was lost)
     queue = as_completed(loop=client.loop)
+
+    def send(job: Callable[[], Any], lost: int) -> None:
+        while True:
+            try:
+                fut = job()
+                break
+            except OSError as exc:  # the worker (or the connection) died while the task's input went out
+                lost = _lost_again(lost, exc)
+        live[fut] = (job, lost)
+        queue.add(fut)
 
     def more() -> None:
         job = next(jobs, None)
         if job is not None:
-            fut = job()
-            live.add(fut)
-            queue.add(fut)
+            send(job, 0)
 
     try:
         for _ in range(limit):
             more()
         for fut in queue:
-            live.discard(fut)
-            result = fut.result()  # a task's exception is raised here, with its own type
+            job, lost = live.pop(fut)
+            try:
+                result = fut.result()  # a task's exception is raised here, with its own type
+            except FutureCancelledError as exc:  # its input was lost with its worker
+                fut.release()
+                send(job, _lost_again(lost, exc))
+                continue
+            except KilledWorker as exc:
+                raise TangentLensError(
+                    f"Dask gave up on a task: {exc} (dask's distributed.scheduler.allowed-failures). A "
+                    "task that kills every worker it runs on usually runs out of memory: give the workers "
+                    "more, or use smaller chunks (chunk_rows=, block_size=, block_rows=). What was written "
+                    "is kept: run the same call again to finish it.") from exc
             fut.release()
             on_done(result)
             more()
     finally:
         if live:
             client.cancel(list(live))
+
+
+def _lost_again(lost: int, exc: BaseException) -> int:
+    """Count one more loss of a task, wait a little before it is sent again; after ``_RESENDS`` losses raise
+    :class:`~tangentlens.TangentLensError`."""
+    lost += 1
+    if lost > _RESENDS:
+        raise TangentLensError(
+            f"A task was lost {lost} times with the Dask workers it was sent to ({type(exc).__name__}: "
+            f"{exc}): workers keep dying or leaving. Check the workers' logs (memory, a killed process, the "
+            "network). What was written is kept: run the same call again to finish it.") from exc
+    time.sleep(_PAUSE_S * lost)
+    return lost
 
 
 class _Pickled:
@@ -215,34 +264,41 @@ def featurize_on_cluster(
     if progress is not None:
         progress(count, total)
     todo = ((k, c) for k, c in enumerate(chunks) if k in pending)
-    src = client.scatter([source if isinstance(source, ModelRecipe) else _Pickled(source)], hash=False)[0]
+    payload = source if isinstance(source, ModelRecipe) else _Pickled(source)
+    held: list[Any] = []  # the model's future, on every worker (a worker that dies leaves the others' copies)
+    sent = itertools.count()  # a task sent again gets a key of its own
+
+    def model_on_workers() -> Any:
+        if not held or held[0].status != "finished":  # (again when every worker holding it died)
+            for fut in held:
+                fut.release()
+            held[:] = [client.scatter([payload], hash=False, broadcast=True)[0]]
+        return held[0]
 
     def submit(k: int, chunk: Block, size: int | None) -> Any:
+        src = model_on_workers()
         data = client.scatter([_owned(chunk)], hash=False)[0]
-        return client.submit(_featurize_task, job, src, k, data, size, key=f"tl-featurize-{job['run']}-{k}",
-                             pure=False)
+        return client.submit(_featurize_task, job, src, k, data, size, pure=False,
+                             key=f"tl-featurize-{job['run']}-{k}-{next(sent)}")
+
+    def done(_: Any) -> None:
+        nonlocal count
+        count += 1
+        if progress is not None:
+            progress(count, total)
 
     try:
         if not fs.allocated:  # the first chunk plans the capture size and records it with the row shape
             first = next(todo, None)
             if first is not None:
-                submit(*first, block_size).result()
-                count += 1
-                if progress is not None:
-                    progress(count, total)
+                _run_bounded(client, iter([lambda: submit(*first, block_size)]), done)
             fs = FeatureStore.open(path, writable=True)
             block_size = fs.block_size
         size = block_size
-
-        def done(_: Any) -> None:
-            nonlocal count
-            count += 1
-            if progress is not None:
-                progress(count, total)
-
         _run_bounded(client, ((lambda k=k, c=c: submit(k, c, size)) for k, c in todo), done)
     finally:
-        src.release()
+        for fut in held:
+            fut.release()
         with contextlib.suppress(Exception):  # best effort: the workers drop this run's featurizers
             client.run(_forget, job["run"])
     return FeatureStore.open(path, writable=True)
