@@ -104,6 +104,8 @@ def test_loading_against_another_training_store_is_refused(tmp_path: os.PathLike
     with pytest.raises(StoreMismatchError, match="weights for 60 training points"):
         load_surrogate(tmp_path / "loose", train=fewer)
     assert load_surrogate(tmp_path / "loose", train=other_model).n_train_ == 60
+    with pytest.raises(InputError, match="must be the FeatureStore"):
+        load_surrogate(tmp_path / "loose", train=Phi)
 
 
 def test_bad_input_gets_a_typed_error_and_nothing_is_written(tmp_path: os.PathLike[str]) -> None:

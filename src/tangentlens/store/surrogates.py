@@ -76,7 +76,16 @@ def _decode(value: Any) -> Any:
 
 
 def _identity(train: Any) -> dict[str, Any]:
-    """The identifying fields of a :class:`~tangentlens.store.FeatureStore`'s manifest."""
+    """The identifying fields of a :class:`~tangentlens.store.FeatureStore`'s manifest.
+
+    Raises:
+        InputError: ``train`` is not a feature store.
+    """
+    from .features import FeatureStore
+
+    if not isinstance(train, FeatureStore):
+        raise InputError(f"train must be the FeatureStore of the training features (tl.featurize's result or "
+                         f"FeatureStore.open(path)); got a {type(train).__name__}.")
     m = train.manifest
     return {k: m.get(k) for k in _TRAIN_KEYS}
 
