@@ -242,6 +242,61 @@ def test_a_worker_killed_mid_run_costs_nothing_but_time(tmp_path):
         assert killed and ks.complete and _bytes_equal(ks[...], kref[...])
 
 
+# ---------------------------------------------------------------------------------- data from a recipe
+_BUILT: list[int] = []  # one entry per call of counted_data (in-process workers share this list)
+
+
+def counted_data(name: str, n: int) -> torch.Tensor:
+    _BUILT.append(os.getpid())
+    return data(name, n)
+
+
+def labelled_dataset(n: int) -> torch.utils.data.Dataset:
+    """A map-style Dataset of (image, label) items: the workers read their chunks by index."""
+    return torch.utils.data.TensorDataset(data("cnn", n), torch.arange(n) % 3)
+
+
+@pytest.mark.parametrize("case", ["mlp-proj-pNTK", "mlp-margin"])
+def test_workers_read_their_chunks_from_a_data_recipe(case, cluster, tmp_path):
+    factory, name, options, labels, _ = _CASES[case]
+    y = torch.arange(37) % 3 if labels == "true" else labels
+    ref = featurize(factory(), data(name, 37), tmp_path / "ref", labels=y, chunk_rows=8, **options)
+    _BUILT.clear()
+    recipe = tl.DataRecipe(functools.partial(counted_data, name, 37))
+    fs = featurize(ModelRecipe(factory), recipe, tmp_path / "dist", labels=y, chunk_rows=8, scheduler=cluster,
+                   **options)
+    _same_store(ref, fs)  # the manifest's data fingerprint too: the client hashed the data it built
+    assert 2 <= len(_BUILT) <= 3  # the client once, each worker that ran chunks once for the run
+    one = featurize(factory(), recipe, tmp_path / "one", labels=y, chunk_rows=8, **options)  # no scheduler
+    _same_store(ref, one)
+
+
+def test_a_dataset_recipe_with_labels_on_the_cluster(cluster, tmp_path):
+    recipe = tl.DataRecipe(functools.partial(labelled_dataset, 29))
+    ref = featurize(cnn(), labelled_dataset(29), tmp_path / "ref", chunk_rows=8, kind="margin")
+    fs = featurize(ModelRecipe(cnn), recipe, tmp_path / "dist", chunk_rows=8, kind="margin",
+                   scheduler=cluster)
+    _same_store(ref, fs)
+
+
+def test_a_data_recipe_must_be_read_by_index(tmp_path):
+    with pytest.raises(InputError, match="callable"):
+        tl.DataRecipe(3)  # type: ignore[arg-type]
+    loader = tl.DataRecipe(functools.partial(torch.utils.data.DataLoader, labelled_dataset(8)))
+    with pytest.raises(InputError, match="map-style Dataset"):
+        featurize(cnn(), loader, tmp_path / "s", **PROJ)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_on_worker_processes_a_data_recipe_gives_the_single_process_store(processes, tmp_path):
+    recipe = tl.DataRecipe(functools.partial(data, "cnn", 37))
+    ref = featurize(cnn(), data("cnn", 37), tmp_path / "ref", chunk_rows=8, **PROJ)
+    fs = featurize(cnn(), recipe, tmp_path / "dist", chunk_rows=8, scheduler=processes.scheduler_address,
+                   **PROJ)
+    _same_store(ref, fs)
+
+
 # -------------------------------------------------------------------------------------------- kernels
 def test_kernels_on_the_cluster_are_the_single_process_kernels(cluster, tmp_path):
     x, t = data("cnn", 45), data("cnn", 13, seed=1)

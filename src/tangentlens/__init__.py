@@ -39,6 +39,7 @@ from .lds import LDSResult, SubsetRetrainer, SubsetRuns, lds, margins, subset_ma
 from .probes import output_probes
 from .projection import FidelityReport, Projection, fidelity, fidelity_curve
 from .store import (
+    DataRecipe,
     FeatureStore,
     KernelStore,
     ModelRecipe,
@@ -110,6 +111,7 @@ __all__ = [
     "kernel_from_store",
     "KernelStore",
     "ModelRecipe",
+    "DataRecipe",
     "SurrogateStore",
     "save_surrogate",
     "load_surrogate",

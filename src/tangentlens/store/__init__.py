@@ -12,10 +12,10 @@ from .features import FeatureStore
 from .featurize import featurize
 from .fingerprint import data_fingerprint, model_fingerprint
 from .kernels import KernelStore, kernel_from_store
-from .recipe import ModelRecipe
+from .recipe import DataRecipe, ModelRecipe
 from .surrogates import SurrogateStore, load_surrogate, save_surrogate
 
 __all__ = [
     "featurize", "FeatureStore", "kernel_from_store", "KernelStore", "model_fingerprint", "data_fingerprint",
-    "ModelRecipe", "SurrogateStore", "save_surrogate", "load_surrogate",
+    "ModelRecipe", "DataRecipe", "SurrogateStore", "save_surrogate", "load_surrogate",
 ]

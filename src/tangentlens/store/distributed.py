@@ -10,6 +10,9 @@ Featurization, per store:
 1. The client opens (or creates) the store and checks it as in one process (configuration, model and data
    fingerprints, ``chunk_rows``), then reads the data chunk by chunk and sends each chunk not done to a
    worker (at most two per worker thread in flight: the client holds a few chunks, never the data set).
+   With a :class:`~tangentlens.DataRecipe` it sends only each chunk's index range (:class:`RecipeChunk`):
+   every worker process builds the data once per run and reads its chunks' examples itself, collated as the
+   client would have, so the inputs never cross the network and the rows are the same.
 2. The model reaches the workers once: a :class:`~tangentlens.ModelRecipe` (factory + checkpoint path) is
    built on each worker, an ``nn.Module`` is pickled to them. Every worker thread keeps one
    :class:`~tangentlens.Featurizer` for the run and checks that its model's weights hash to the client's
@@ -49,7 +52,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -57,14 +60,14 @@ from torch import nn
 from ..config import KernelConfig
 from ..errors import InputError, StoreMismatchError, TangentLensError
 from ..features import Featurizer
-from ..inputs import Block
+from ..inputs import Block, Source
 from .features import FeatureStore
 from .featurize import chunk_features
 from .fingerprint import model_fingerprint
 from .kernels import KernelStore, pending_tiles, write_tile
-from .recipe import ModelRecipe
+from .recipe import DataRecipe, ModelRecipe, slice_data
 
-__all__ = ["connect", "featurize_on_cluster", "kernel_on_cluster"]
+__all__ = ["connect", "featurize_on_cluster", "kernel_on_cluster", "recipe_chunks", "RecipeChunk"]
 
 _EXTRA = "pip install 'tangentlens[distributed]'"
 _IN_FLIGHT_PER_THREAD = 2
@@ -236,7 +239,7 @@ def featurize_on_cluster(
     config: KernelConfig,
     predicted: bool,
     block_size: int | None,
-    chunks: Iterator[Block],
+    chunks: Iterator[Block] | Iterator[RecipeChunk],
     progress: Callable[[int, int], None] | None,
 ) -> FeatureStore:
     """Compute the chunks of ``fs`` not done yet on ``client``'s workers (see the module's description).
@@ -249,7 +252,8 @@ def featurize_on_cluster(
         config: the featurization's configuration (``batch_size`` = chunk rows, ``normalize=False``).
         predicted: the label kinds use the network's predictions.
         block_size: the capture size (recorded or given), or ``None`` to plan it on the first chunk.
-        chunks: every chunk of the data in order (those done are skipped).
+        chunks: every chunk of the data in order (those done are skipped): blocks, sent to the workers, or
+            index ranges of a :class:`~tangentlens.DataRecipe`'s data, read by the workers.
         progress: ``progress(done, total)`` at the start and after each chunk.
 
     Returns:
@@ -275,9 +279,9 @@ def featurize_on_cluster(
             held[:] = [client.scatter([payload], hash=False, broadcast=True)[0]]
         return held[0]
 
-    def submit(k: int, chunk: Block, size: int | None) -> Any:
+    def submit(k: int, chunk: Block | RecipeChunk, size: int | None) -> Any:
         src = model_on_workers()
-        data = client.scatter([_owned(chunk)], hash=False)[0]
+        data = chunk if isinstance(chunk, RecipeChunk) else client.scatter([_owned(chunk)], hash=False)[0]
         return client.submit(_featurize_task, job, src, k, data, size, pure=False,
                              key=f"tl-featurize-{job['run']}-{k}-{next(sent)}")
 
@@ -304,6 +308,41 @@ def featurize_on_cluster(
     return FeatureStore.open(path, writable=True)
 
 
+class RecipeChunk(NamedTuple):
+    """Chunk ``[start, stop)`` of a :class:`~tangentlens.DataRecipe`'s data, read on the worker (only the
+    index range and the chunk's labels, if passed separately, travel)."""
+
+    recipe: DataRecipe
+    start: int
+    stop: int
+    labels: torch.Tensor | None
+
+    def block(self, run: str) -> Block:
+        """The chunk as the client would have read it from the built data: the same examples, collated the
+        same way (one block of ``stop - start`` examples)."""
+        with _DATA_LOCK:
+            built = _DATA.get(run)
+            if built is None:  # built once per run and worker process (a run has one recipe)
+                built = _DATA[run] = self.recipe.build()
+        rows = self.stop - self.start
+        part = slice_data(built, self.start, self.stop)
+        blk = next(iter(Source(part, rows, self.labels, "data").blocks()))
+        if blk.size != rows:
+            raise InputError(f"The DataRecipe's data on this worker have fewer examples than on the client "
+                             f"(chunk [{self.start}, {self.stop}) gave {blk.size}); build the same data "
+                             "everywhere.")
+        return Block(self.start, blk.x, blk.y)
+
+
+def recipe_chunks(recipe: DataRecipe, n: int, rows: int, labels: Any) -> Iterator[RecipeChunk]:
+    """The chunks of ``n`` examples, ``rows`` at a time, as index ranges of ``recipe``'s data (with the slices
+    of ``labels``, a tensor given apart from the data, or ``None``)."""
+    y = None if labels is None else torch.as_tensor(labels)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        yield RecipeChunk(recipe, start, stop, None if y is None else y[start:stop].clone())
+
+
 def _owned(chunk: Block) -> Block:
     """``chunk`` with tensors that own their memory: a tensor view pickles its whole storage, so a chunk
     sliced from the data set would send all of it (O(N) bytes per chunk, O(N²) per run)."""
@@ -319,6 +358,8 @@ def _owned(chunk: Block) -> Block:
 
 _CACHE: dict[int, tuple[tuple[str, ...], Featurizer]] = {}  # worker thread -> (run key, its featurizer)
 _CACHE_LOCK = threading.Lock()
+_DATA: dict[str, Any] = {}  # run -> the data built from its DataRecipe (in this worker process)
+_DATA_LOCK = threading.Lock()
 
 
 def _featurizer(job: dict[str, Any], source: ModelRecipe | _Pickled, block_size: int | None) -> Featurizer:
@@ -348,16 +389,20 @@ def _featurizer(job: dict[str, Any], source: ModelRecipe | _Pickled, block_size:
 
 
 def _forget(run: str) -> None:
-    """Drop the featurizers of run ``run`` from this worker (the run is over)."""
+    """Drop the featurizers and the recipe-built data of run ``run`` from this worker (the run is over)."""
     with _CACHE_LOCK:
         for tid in [t for t, (key, _) in _CACHE.items() if key[0] == run]:
             del _CACHE[tid]
+    with _DATA_LOCK:
+        _DATA.pop(run, None)
 
 
-def _featurize_task(job: dict[str, Any], source: ModelRecipe | _Pickled, k: int, chunk: Block,
+def _featurize_task(job: dict[str, Any], source: ModelRecipe | _Pickled, k: int, chunk: Block | RecipeChunk,
                     block_size: int | None) -> int | None:
-    """On a worker: capture chunk ``k``, write its rows and norms into the store, then set its flag.
-    Returns the capture size used (the planned one on the first chunk)."""
+    """On a worker: capture chunk ``k`` (sent, or read from the recipe's data), write its rows and norms into
+    the store, then set its flag. Returns the capture size used (the planned one on the first chunk)."""
+    if isinstance(chunk, RecipeChunk):
+        chunk = chunk.block(job["run"])
     fs = FeatureStore.open(job["path"], writable=True)
     if fs.manifest["config_fingerprint"] != job["config_fingerprint"]:
         raise StoreMismatchError(f"The store at {job['path']!r} was replaced by another configuration's "

@@ -21,7 +21,7 @@ from ..network import check_materialized
 from ..probes import LabelSpec, labels_mode
 from .features import FeatureStore
 from .fingerprint import data_fingerprint, model_fingerprint
-from .recipe import ModelRecipe
+from .recipe import DataRecipe, ModelRecipe
 
 __all__ = ["featurize", "chunk_features", "chunks_of"]
 
@@ -64,16 +64,20 @@ def featurize(
     records it with the row shape, then the other chunks fan out, each worker capturing in blocks of the
     recorded size and writing its chunk straight into the store (the path must be the same on every
     worker: a shared file system), flag after data. The result is bit-identical to the single-process run
-    with the same block size and resumes the same way (a lost worker or client costs at most the chunks in
-    flight). The client reads the data and sends each chunk to a worker, at most two per worker thread in
-    flight. See :mod:`tangentlens.store.distributed`.
+    with the same block size and resumes the same way (a lost worker costs time: its chunks are sent again;
+    a lost client costs at most the chunks in flight). The client reads the data and sends each chunk to a
+    worker, at most two per worker thread in flight (with a :class:`~tangentlens.DataRecipe` it sends only
+    the chunk's index range, and the worker reads the examples itself). See
+    :mod:`tangentlens.store.distributed`.
 
     Args:
         model: the network, as in :func:`tangentlens.kernel`, or a :class:`~tangentlens.ModelRecipe`
             (factory + checkpoint) that the client and every worker build it from. With ``scheduler`` an
             ``nn.Module`` is pickled to the workers; a recipe sends only the factory's name and the
             checkpoint's path.
-        data: tensor, dict of tensors, (inputs, labels) pair, Dataset or non-shuffling DataLoader.
+        data: tensor, dict of tensors, (inputs, labels) pair, Dataset or non-shuffling DataLoader; or a
+            :class:`~tangentlens.DataRecipe` that the client and (with ``scheduler``) every worker build the
+            data from, so that workers read their own chunks instead of receiving them.
         store: the store's directory (new, empty, or a store of this run to resume).
         labels: labels for ``"gradcos"`` / ``"margin"`` (a tensor, or ``"predicted"``).
         config: a :class:`~tangentlens.KernelConfig`; the keyword options override its fields.
@@ -105,6 +109,9 @@ def featurize(
     recipe = model if isinstance(model, ModelRecipe) else None
     if recipe is not None:
         model = recipe.build()
+    data_recipe = data if isinstance(data, DataRecipe) else None
+    if data_recipe is not None:
+        data = data_recipe.build()
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module or a tangentlens.ModelRecipe; got "
                          f"{type(model).__name__}.")
@@ -123,19 +130,19 @@ def featurize(
         raise InputError(f"chunk_rows must be a positive integer; got {chunk_rows!r}.")
     src = Source(data, rows, lab, "data")
     if scheduler is None:
-        return _run(model, None, None, src, data, store, cfg, lab, pred, chunk_rows, model_id, block_size,
-                    resume, progress)
+        return _run(model, None, None, src, data, None, store, cfg, lab, pred, chunk_rows, model_id,
+                    block_size, resume, progress)
     from .distributed import connect
 
     with connect(scheduler) as client:  # before the data are hashed: a bad address fails fast
-        return _run(model, recipe, client, src, data, store, cfg, lab, pred, chunk_rows, model_id, block_size,
-                    resume, progress)
+        return _run(model, recipe, client, src, data, data_recipe, store, cfg, lab, pred, chunk_rows,
+                    model_id, block_size, resume, progress)
 
 
 def _run(model: nn.Module, recipe: ModelRecipe | None, client: Any, src: Source, data: Any,
-         store: str | os.PathLike[str], cfg: KernelConfig, lab: Any, pred: bool, chunk_rows: int | None,
-         model_id: str | None, block_size: int | None, resume: bool, progress: Progress | None
-         ) -> FeatureStore:
+         data_recipe: DataRecipe | None, store: str | os.PathLike[str], cfg: KernelConfig, lab: Any,
+         pred: bool, chunk_rows: int | None, model_id: str | None, block_size: int | None, resume: bool,
+         progress: Progress | None) -> FeatureStore:
     """Open (or create) the store and compute its missing chunks, here or on ``client``'s cluster."""
     with_labels = cfg.spec.needs_labels and not pred
     mode = "predicted" if pred else ("true" if cfg.spec.needs_labels else "none")
@@ -155,10 +162,12 @@ def _run(model: nn.Module, recipe: ModelRecipe | None, client: Any, src: Source,
     # the planned / forced size; rows are raw (the kernel normalizes from the stored diagonals)
     fcfg = cfg.replace(normalize=False, batch_size=rows)
     if client is not None:
-        from .distributed import featurize_on_cluster
+        from .distributed import featurize_on_cluster, recipe_chunks
 
+        chunks = (chunks_of(src, rows) if data_recipe is None
+                  else recipe_chunks(data_recipe, len(src), rows, lab))
         fs = featurize_on_cluster(client, recipe if recipe is not None else model, model, fs, fcfg, pred,
-                                  forced, chunks_of(src, rows), progress)
+                                  forced, chunks, progress)
         fs.finish()
         return fs
     pending = set(fs.pending())

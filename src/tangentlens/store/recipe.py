@@ -1,4 +1,5 @@
-"""``ModelRecipe``: how another process (a Dask worker) rebuilds the model — a factory plus a checkpoint.
+"""``ModelRecipe`` and ``DataRecipe``: how another process (a Dask worker) rebuilds the model — a factory plus
+a checkpoint — and, optionally, the data.
 
 A distributed featurization (:func:`tangentlens.featurize` with ``scheduler=``) needs the model on every
 worker. Two ways to get it there:
@@ -14,6 +15,11 @@ worker. Two ways to get it there:
 Either way each worker hashes the weights it ends up with and refuses to write when they differ from the
 client's (:class:`~tangentlens.StoreMismatchError`): a factory that initializes randomly without a seed or a
 checkpoint gives every worker another network.
+
+The data travel from the client, a chunk per task, unless they are a :class:`DataRecipe`: a picklable
+factory that every worker calls once per run to build the same data set (e.g. a Dataset over files on a
+shared file system), reading only the examples of its own chunks. The client builds it too, to count and
+fingerprint the examples (one pass over them, no transfer).
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ..errors import InputError
+from ..inputs import slice_batch
 
-__all__ = ["ModelRecipe"]
+__all__ = ["ModelRecipe", "DataRecipe", "slice_data"]
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model")
 _BUILD_LOCK = threading.Lock()  # one factory call at a time per process (worker threads build concurrently)
@@ -129,3 +137,57 @@ class ModelRecipe:
             return obj[inner[0]]
         raise InputError(f"The checkpoint {path!r} holds a {type(obj).__name__}, not a state dict of "
                          "tensors; save it with torch.save(model.state_dict(), path) or pass checkpoint_key.")
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """A data set built by ``factory()`` in every process that needs it, instead of sent from the client.
+
+    Pass it wherever :func:`tangentlens.featurize` takes data. Without ``scheduler`` it is simply built and
+    featurized. With ``scheduler`` the client builds it to count and fingerprint the examples, and each
+    worker builds its own copy once per run and reads only its chunks' examples: the inputs never cross the
+    network. The store is the one the built data give in one process, bit for bit.
+
+    Attributes:
+        factory: a picklable callable with no arguments (a module-level function or a ``functools.partial``
+            of one) returning the data in the same order everywhere: a tensor, a dict of tensors, an
+            ``(inputs, labels)`` pair or a map-style ``torch.utils.data.Dataset`` (not a DataLoader: chunks
+            are read by index).
+
+    Example::
+
+        data = tl.DataRecipe(functools.partial(ImageFolderDataset, "/shared/train"))
+        tl.featurize(recipe, data, "/shared/train.zarr", kind="pntk", projection=P,
+                     scheduler="tcp://scheduler:8786")
+    """
+
+    factory: Callable[[], Any]
+
+    def __post_init__(self) -> None:
+        if not callable(self.factory):
+            raise InputError(f"DataRecipe's factory must be callable (returning the data); got "
+                             f"{self.factory!r}.")
+
+    def build(self) -> Any:
+        """Call the factory.
+
+        Raises:
+            InputError: it returned a DataLoader or an iterable-style dataset (chunks are read by index).
+        """
+        data = self.factory()
+        if isinstance(data, (DataLoader, IterableDataset)):
+            raise InputError(f"DataRecipe's factory {self.factory!r} returned a {type(data).__name__}; "
+                             "return a map-style Dataset, a tensor, a dict of tensors or an (inputs, labels) "
+                             "pair: workers read their chunks by index.")
+        return data
+
+
+def slice_data(data: Any, start: int, stop: int) -> Any:
+    """Examples ``[start, stop)`` of a data set in any form a :class:`DataRecipe` may return, without copying
+    a tensor (a view) or reading other examples (a ``Subset`` of a Dataset)."""
+    if isinstance(data, Dataset) and not isinstance(data, Tensor):
+        return Subset(data, range(start, stop))
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return (slice_batch(data[0], start, stop), data[1][start:stop])
+    return slice_batch(data, start, stop)
+
