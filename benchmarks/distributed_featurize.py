@@ -13,11 +13,16 @@ workers, and each worker's model build, plan and first-block checks.
     python benchmarks/distributed_featurize.py --glibc-malloc  # N = 20,000 (about 2 minutes on 2 cores)
     python benchmarks/distributed_featurize.py                 # with Dask's MALLOC_TRIM_THRESHOLD_=65536
     python benchmarks/distributed_featurize.py --n 2000        # quick
+    python benchmarks/distributed_featurize.py --glibc-malloc --data-recipe  # workers build the images
+
+With ``--data-recipe`` the data are a ``tl.DataRecipe`` (the same seeded images built by every worker), so
+only chunk index ranges travel, against chunks of images sent from the client by default.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -78,7 +83,8 @@ def on_cluster(workers: int, x: torch.Tensor, root: Path, args: argparse.Namespa
         client.run(warm_up, args.dim, args.proj_kind)  # imports and first calls on every worker
         start = time.perf_counter() - t0
         t0 = time.perf_counter()
-        fs = featurize(ModelRecipe(small_cnn), x, root / f"workers-{workers}", chunk_rows=args.chunk_rows,
+        data = tl.DataRecipe(functools.partial(images, args.n)) if args.data_recipe else x
+        fs = featurize(ModelRecipe(small_cnn), data, root / f"workers-{workers}", chunk_rows=args.chunk_rows,
                        scheduler=client, **options(args))
         seconds = time.perf_counter() - t0
     return {"workers": workers, "seconds": seconds, "cluster_start_s": start, "block_size": fs.block_size,
@@ -94,6 +100,8 @@ def main() -> None:
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="start the workers without Dask's MALLOC_TRIM_THRESHOLD_=65536 (glibc's defaults, "
                     "as in the single process)")
+    ap.add_argument("--data-recipe", action="store_true",
+                    help="the workers build the images from a tl.DataRecipe instead of receiving chunks")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed after)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
@@ -113,7 +121,8 @@ def main() -> None:
         print(f"N = {args.n}, small_cnn (80k parameters), proj-pNTK {args.proj_kind} K = {args.dim}, "
               f"chunks of {args.chunk_rows} ({single.n_chunks} tasks); load average "
               f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs, {platform.machine()}; workers' malloc: "
-              f"{'glibc defaults' if args.glibc_malloc else 'Dask default (MALLOC_TRIM_THRESHOLD_=65536)'}")
+              f"{'glibc defaults' if args.glibc_malloc else 'Dask default (MALLOC_TRIM_THRESHOLD_=65536)'}; "
+              f"data {'built by the workers (DataRecipe)' if args.data_recipe else 'sent from the client'}")
         print(f"{'run':34s} {'wall s':>8s} {'rows/s':>8s} {'start s':>8s} {'block':>6s}  bit-identical")
         for name, sec, start, block, same in rows:
             st = f"{start:8.1f}" if start is not None else f"{'-':>8s}"
@@ -124,6 +133,7 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "n": args.n, "dim": args.dim, "glibc_malloc": args.glibc_malloc, "proj_kind": args.proj_kind,
+                "data_recipe": args.data_recipe,
                 "chunk_rows": args.chunk_rows,
                 "single_s": t_single, "one_worker_s": one["seconds"], "two_workers_s": two["seconds"],
                 "speedup_2_vs_1": speedup, "bit_identical": [r[4] for r in rows[1:]],
