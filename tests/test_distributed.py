@@ -11,6 +11,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -191,16 +192,23 @@ class SlowOnWorkers(nn.Module):
         return self.net(x)
 
 
-def _kill_once(pid: int, ready: Callable[[], bool], killed: list[int]) -> None:
-    """SIGKILL process ``pid`` as soon as ``ready()`` (once)."""
-    if killed:
+def _kill_once(pid: int, ready: Callable[[], bool], killed: list[int], armed: list[threading.Thread]) -> None:
+    """SIGKILL process ``pid`` as soon as ``ready()`` (once), from a thread: the client goes on sending tasks
+    meanwhile (waiting here, in its progress callback, could starve the victim of work)."""
+    if killed or armed:
         return
-    deadline = time.monotonic() + 30
-    while not ready():
-        assert time.monotonic() < deadline, "the worker to kill never got a task"
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    killed.append(pid)
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while not ready():
+            if time.monotonic() > deadline:
+                return  # the test's `assert killed` reports it
+            time.sleep(0.005)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    armed.append(threading.Thread(target=watch, daemon=True))
+    armed[0].start()
 
 
 @pytest.mark.slow
@@ -218,28 +226,33 @@ def test_a_worker_killed_mid_run_costs_nothing_but_time(tmp_path):
         client.run(__import__, __name__)  # both workers import this module (the model's class) at once
         (_, victim), (survivor, _) = client.run(os.getpid).items()
         killed: list[int] = []
+        armed: list[threading.Thread] = []
         calls: list[int] = []
 
         def in_forward(done: int, total: int) -> None:  # after two chunks: kill inside the victim's forward
             calls.append(done)
-            if done >= 2 and not killed:
+            if done >= 2 and not armed:
                 (marks / str(victim)).unlink(missing_ok=True)
-                _kill_once(victim, (marks / str(victim)).exists, killed)
+                _kill_once(victim, (marks / str(victim)).exists, killed, armed)
 
         fs = featurize(model, x, tmp_path / "d", chunk_rows=8, scheduler=client, progress=in_forward, **PROJ)
-        assert killed and calls == list(range(9))
+        armed[0].join(timeout=60)
+        assert killed, "the worker to kill never entered a task"
+        assert calls == list(range(9))
         _same_store(ref, fs)
 
-        client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker: kill the new one
+        client.wait_for_workers(2, timeout=120)  # the nanny restarted the killed worker: kill the new one
         ((fresh, victim),) = [(w, p) for w, p in client.run(os.getpid).items() if w != survivor]
         killed.clear()
+        armed.clear()
 
-        def with_tiles(done: int, total: int) -> None:  # after 10 of 64 blocks: kill it holding tiles
-            if done >= 10:
-                _kill_once(victim, lambda: bool(client.processing([fresh]).get(fresh)), killed)
+        def with_tiles(done: int, total: int) -> None:  # from the first tile on: kill it holding tiles
+            _kill_once(victim, lambda: bool(client.processing([fresh]).get(fresh)), killed, armed)
 
         ks = kernel_from_store(fs, out=tmp_path / "K", block_rows=8, scheduler=client, progress=with_tiles)
-        assert killed and ks.complete and _bytes_equal(ks[...], kref[...])
+        armed[0].join(timeout=60)
+        assert killed, "the fresh worker never held a tile"
+        assert ks.complete and _bytes_equal(ks[...], kref[...])
 
 
 # ---------------------------------------------------------------------------------- data from a recipe
