@@ -31,6 +31,7 @@ from .errors import (
     UnknownKindError,
     UnsupportedLayerError,
     UnsupportedLayerWarning,
+    WorkerLostError,
 )
 from .explain import explain, most_similar
 from .faithfulness import FaithfulnessResult, aggregate, faithfulness, format_mean_se
@@ -100,6 +101,7 @@ __all__ = [
     "DeviceError",
     "MemoryBudgetError",
     "MemoryBudgetWarning",
+    "WorkerLostError",
     "lds",
     "LDSResult",
     "SubsetRetrainer",

@@ -47,6 +47,10 @@ class StoreMismatchError(TangentLensError, ValueError):
     """A stored artifact does not match the configuration or data it is combined with."""
 
 
+class WorkerLostError(TangentLensError, RuntimeError):
+    """Dask workers kept dying while a distributed run needed them; what was written is kept (run again)."""
+
+
 class UnsupportedLayerWarning(UserWarning):
     """A layer has no fast exact rule and falls back to per-example torch.func Jacobians."""
 

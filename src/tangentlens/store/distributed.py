@@ -28,7 +28,7 @@ Featurization, per store:
    loses the chunks sent to it (a chunk's data lives on one worker): the client sends them again to the
    workers left (at most three times a chunk; the model is on every worker), and the run completes with
    the same bytes. A chunk that Dask gives up on (it was running on every worker that died: dask's
-   ``distributed.scheduler.allowed-failures``) fails the run with :class:`~tangentlens.TangentLensError`
+   ``distributed.scheduler.allowed-failures``) fails the run with :class:`~tangentlens.WorkerLostError`
    saying so, the chunks written are kept; a client that dies loses the chunks in flight. Either way a
    resumed call (the same call again) computes only the chunks not done.
 
@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from ..config import KernelConfig
-from ..errors import InputError, StoreMismatchError, TangentLensError
+from ..errors import InputError, StoreMismatchError, WorkerLostError
 from ..features import Featurizer
 from ..inputs import Block, Source
 from .features import FeatureStore
@@ -148,7 +148,7 @@ def _run_bounded(client: Any, jobs: Iterator[Callable[[], Any]], on_done: Callab
     A task lost with a worker that died is sent again (the same job, up to ``_RESENDS`` times): its future
     comes back cancelled when its scattered input died with the worker, or sending it fails with an
     ``OSError`` when the worker it went to was gone. A task Dask gave up on (``KilledWorker``: every worker
-    that ran it died) raises :class:`~tangentlens.TangentLensError`; a task's own exception is raised with
+    that ran it died) raises :class:`~tangentlens.WorkerLostError`; a task's own exception is raised with
     its type. The first failure cancels the rest.
     """
     from distributed import KilledWorker, as_completed
@@ -186,7 +186,7 @@ def _run_bounded(client: Any, jobs: Iterator[Callable[[], Any]], on_done: Callab
                 send(job, _lost_again(lost, exc))
                 continue
             except KilledWorker as exc:
-                raise TangentLensError(
+                raise WorkerLostError(
                     f"Dask gave up on a task: {exc} (dask's distributed.scheduler.allowed-failures). A "
                     "task that kills every worker it runs on usually runs out of memory: give the workers "
                     "more, or use smaller chunks (chunk_rows=, block_size=, block_rows=). What was written "
@@ -201,10 +201,10 @@ def _run_bounded(client: Any, jobs: Iterator[Callable[[], Any]], on_done: Callab
 
 def _lost_again(lost: int, exc: BaseException) -> int:
     """Count one more loss of a task, wait a little before it is sent again; after ``_RESENDS`` losses raise
-    :class:`~tangentlens.TangentLensError`."""
+    :class:`~tangentlens.WorkerLostError`."""
     lost += 1
     if lost > _RESENDS:
-        raise TangentLensError(
+        raise WorkerLostError(
             f"A task was lost {lost} times with the Dask workers it was sent to ({type(exc).__name__}: "
             f"{exc}): workers keep dying or leaving. Check the workers' logs (memory, a killed process, the "
             "network). What was written is kept: run the same call again to finish it.") from exc
