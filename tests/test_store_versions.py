@@ -14,20 +14,7 @@ import tangentlens as tl
 from tangentlens.errors import StoreMismatchError
 from tangentlens.store import FeatureStore, featurize, kernel_from_store
 
-
-class _Stop(Exception):
-    pass
-
-
-def _stop_after(k: int):  # type: ignore[no-untyped-def]
-    calls: list[int] = []
-
-    def progress(done: int, total: int) -> None:
-        calls.append(done)
-        if len(calls) > k:  # the first call reports the chunks already done
-            raise _Stop
-
-    return progress
+from .test_store import _Stop, _stop_after  # the progress callback that stops a run after k chunks
 
 
 def _written_by(path: os.PathLike[str], **libs: str) -> None:
