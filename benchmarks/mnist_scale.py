@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +47,7 @@ from tangentlens.datasets.idx import load_idx_pair
 from tangentlens.store import FeatureStore, featurize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from store_scale import _du, _peak, small_cnn  # noqa: E402  (the same CNN and measurements)
+from store_scale import _du, _peak, run_stages, small_cnn  # noqa: E402  (the same CNN, measurements, runner)
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("train", "featurize", "fit", "attribute", "cluster")
@@ -245,23 +242,9 @@ def main() -> None:
     if args.stage is not None:
         print(json.dumps(run_stage(args)))
         return
-    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="tl-mnist-scale-"))
-    root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
               if k not in ("stages", "stage", "dir")]
-    results = []
-    try:
-        for name in args.stages:
-            cmd = [sys.executable, __file__, "--stage", name, "--dir", str(root), *passed]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"stage {name} failed:\n{done.stderr[-4000:]}")
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
-    finally:
-        if not args.dir:
-            shutil.rmtree(root, ignore_errors=True)
+    results = run_stages(__file__, args.stages, passed, args.dir, "tl-mnist-scale-")
     print(f"\nMNIST {args.n_train:,} train / {args.n_test:,} test, small CNN (106k parameters), "
           f"Projection({args.dim} / {args.trntk_dim} per class, {args.proj_kind!r}), "
           f"chunk_rows = {args.chunk_rows}; "

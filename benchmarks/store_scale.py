@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,29 @@ def _peak() -> int:
 
 def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_stages(script: str, names: Sequence[str], passed: list[str], folder: str | None, prefix: str
+               ) -> list[dict]:
+    """Run each stage ``script --stage NAME --dir ROOT *passed`` in a fresh one-thread process (so that its
+    peak RSS is its own), print and return the JSON line each prints last. ``ROOT`` is ``folder``, or a
+    temporary folder removed afterwards."""
+    root = Path(folder) if folder else Path(tempfile.mkdtemp(prefix=prefix))
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    results = []
+    try:
+        for name in names:
+            cmd = [sys.executable, script, "--stage", name, "--dir", str(root), *passed]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"stage {name} failed:\n{done.stderr[-4000:]}")
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(results[-1]), flush=True)
+    finally:
+        if not folder:
+            shutil.rmtree(root, ignore_errors=True)
+    return results
 
 
 def stage(args: argparse.Namespace) -> dict:
@@ -102,21 +126,9 @@ def main() -> None:
     if args.stage is not None:
         print(json.dumps(stage(args)))
         return
-    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="tl-store-scale-"))
-    root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    results = []
-    try:
-        for name in ("featurize", "kernel", "check"):
-            cmd = [sys.executable, __file__, "--stage", name, "--dir", str(root), "--n", str(args.n),
-                   "--proj-kind", args.proj_kind, "--dim", str(args.dim),
-                   "--chunk-rows", str(args.chunk_rows), "--block-rows", str(args.block_rows)]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
-    finally:
-        if not args.dir:
-            shutil.rmtree(root, ignore_errors=True)
+    passed = ["--n", str(args.n), "--proj-kind", args.proj_kind, "--dim", str(args.dim),
+              "--chunk-rows", str(args.chunk_rows), "--block-rows", str(args.block_rows)]
+    results = run_stages(__file__, ("featurize", "kernel", "check"), passed, args.dir, "tl-store-scale-")
     print(f"\nN = {args.n:,}, small CNN (106k parameters), proj-pNTK, Projection({args.dim}, "
           f"{args.proj_kind!r}), chunk_rows = {args.chunk_rows}, block_rows = {args.block_rows}; "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread\n")
