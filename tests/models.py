@@ -105,6 +105,21 @@ def transformer(C: int = 3) -> nn.Module:
     return TinyTransformer(C=C)
 
 
+class SequenceFirst(nn.Module):
+    """A Linear (``mix``) called on a (L, B, 8) tensor: its first dimension is positions, not examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.emb = nn.Linear(2, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, L, 2)
+        h = torch.tanh(self.mix(self.emb(x).transpose(0, 1)))  # (L, B, 8)
+        return self.head(h.mean(0))
+
+
 def data(name: str, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     if name == "mlp":

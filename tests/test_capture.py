@@ -29,6 +29,7 @@ from tangentlens.capture import (
 )
 from tangentlens.errors import UnsupportedLayerError, UnsupportedLayerWarning
 
+from .models import SequenceFirst
 from .oracles import jacobians
 
 
@@ -181,20 +182,6 @@ def test_factored_embedding_gram_equals_the_materialized_table_gradient(full: bo
 # Demotion to the fallback after the first-block checks
 # --------------------------------------------------------------------------------------------------
 
-
-class SequenceFirst(nn.Module):
-    """``mix`` is called on (L, B, 8): its first dimension is positions, not examples."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(4)
-        self.emb = nn.Linear(2, 8)
-        self.mix = nn.Linear(8, 8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:  # x (B, L, 2)
-        h = torch.tanh(self.mix(self.emb(x).transpose(0, 1)))  # (L, B, 8)
-        return self.head(h.mean(0))
 
 
 class Tied(nn.Module):

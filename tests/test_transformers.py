@@ -21,7 +21,7 @@ import tangentlens as tl
 from tangentlens.errors import UnsupportedLayerWarning
 from tangentlens.projection import Projection
 
-from .models import quiet
+from .models import SequenceFirst, quiet
 from .oracles import jacobians, kernel_from_jacobians, oracle_kernel
 
 transformers = pytest.importorskip("transformers")
@@ -217,20 +217,6 @@ def test_broadcast_buffer_projected_and_features() -> None:
         pk = tl.kernel(m, x, kind="trntk", projection=Projection(64, kind=kind, seed=0), dtype=torch.float64)
         assert pk.shape == (6, 6) and torch.isfinite(pk).all()
 
-
-class SequenceFirst(nn.Module):
-    """A Linear called on a (L, B, d) tensor: its first dimension is positions, not examples."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(4)
-        self.emb = nn.Linear(2, 8)
-        self.mix = nn.Linear(8, 8)
-        self.head = nn.Linear(8, C)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, L, 2)
-        h = torch.tanh(self.mix(self.emb(x).transpose(0, 1)))  # (L, B, 8)
-        return self.head(h.mean(0))
 
 
 @pytest.mark.parametrize("length", [5, 4])
