@@ -199,11 +199,6 @@ def kernel_command(cfg: RunConfig, *, kernels: Sequence[str] | None = None, resu
 # ----------------------------------------------------------------------------------------------------------
 # fit
 # ----------------------------------------------------------------------------------------------------------
-def _identity(fs: Any) -> dict[str, Any]:
-    m = fs.manifest
-    return {k: m.get(k) for k in ("config_fingerprint", "model_fingerprint", "data_fingerprint", "n")}
-
-
 def load_surrogate(cfg: RunConfig, kernel: str, target: str) -> tuple[Any, dict[str, Any]]:
     """The kGLM that ``fit`` stored for ``kernel`` and ``target`` (a
     :class:`~tangentlens.store.SurrogateStore` under ``<store>/KERNEL/surrogate-TARGET``), and its ``meta``
@@ -283,7 +278,7 @@ def fit_command(cfg: RunConfig, *, kernels: Sequence[str] | None = None, progres
             seconds = time.perf_counter() - t0
             save_surrogate(cfg.kernel_dir(ks.name) / f"surrogate-{target}", sur, train=train, overwrite=True,
                            meta={"kernel": ks.name, "target": target, "solver": solver, "alpha": s.alpha,
-                                 "normalized": norm, "test": _identity(test)})
+                                 "normalized": norm, "test": test.identity})
             res = faithfulness(z_test, scores, y_test)
             metrics.append({"kernel": ks.name, "target": target, **res.to_dict()})
             rows.append({"kernel": ks.name, "target": target, "solver": solver, "tau": res.tau,

@@ -248,6 +248,14 @@ class FeatureStore:
         return dict(self._manifest)
 
     @property
+    def identity(self) -> dict[str, Any]:
+        """What identifies the rows, recorded by the kernels and surrogates made from them: the config, model
+        and data fingerprints, the label mode and N."""
+        m = self._manifest
+        keys = ("config_fingerprint", "model_fingerprint", "data_fingerprint", "labels")
+        return {**{k: m.get(k) for k in keys}, "n": self.n}
+
+    @property
     def config(self) -> KernelConfig:
         """The :class:`~tangentlens.KernelConfig` the rows were computed with."""
         return KernelConfig.from_dict(self._manifest["config"])

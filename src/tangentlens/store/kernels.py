@@ -59,10 +59,7 @@ _RESUME = ("Resume with the same feature stores and options, or write to a new p
 
 
 def _side(fs: FeatureStore) -> dict[str, Any]:
-    m = fs.manifest
-    return {"path": str(fs.path.resolve()), "config_fingerprint": m["config_fingerprint"],
-            "model_fingerprint": m["model_fingerprint"], "data_fingerprint": m["data_fingerprint"],
-            "labels": m["labels"], "n": fs.n}
+    return {"path": str(fs.path.resolve()), **fs.identity}
 
 
 def _feature_store(s: FeatureStore | str | os.PathLike[str], what: str) -> FeatureStore:

@@ -86,8 +86,8 @@ def _identity(train: Any) -> dict[str, Any]:
     if not isinstance(train, FeatureStore):
         raise InputError(f"train must be the FeatureStore of the training features (tl.featurize's result or "
                          f"FeatureStore.open(path)); got a {type(train).__name__}.")
-    m = train.manifest
-    return {k: m.get(k) for k in _TRAIN_KEYS}
+    ident = train.identity
+    return {k: ident[k] for k in _TRAIN_KEYS}
 
 
 def _fitted_state(sur: Any) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, list[Any]]]:
